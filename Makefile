@@ -13,7 +13,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(if $(HAS_CUDA),,$(PY) -m pip install -q torch==2.13.0)
 	$(PY) -m pip install -q -e '.[dev,triton,plot]'
 	touch $(STAMP)
