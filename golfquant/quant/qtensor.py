@@ -1,0 +1,75 @@
+"""The quantized-tensor value type shared by quantizers, packers, the artifact and the kernels.
+
+Codes are symmetric integers in [-qmax(bits), qmax(bits)] held in int8; scales are fp16, one per output row
+(shape codes.shape[:-1]). Dequantization is one fp32 product rounded once to the output dtype, so the torch
+reference and the Triton kernels agree bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def qmax(bits: int) -> int:
+    """Largest code magnitude for a symmetric `bits`-wide quantizer (int4 -> 7, int6 -> 31)."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass
+class LowRankFactors:
+    """LQER correction W ~ q*s + A @ B, with A [rows, r] and B [r, cols] stored quantized.
+
+    a_codes: int8 [rows, r] with one fp16 scale for the whole matrix (a_scale, shape []);
+    b_codes: int8 [r, cols] with fp16 scales per group of `group` consecutive elements of B flattened
+    (b_scales, shape [ceil(r*cols/group)]).
+    """
+
+    a_codes: torch.Tensor
+    a_scale: torch.Tensor
+    a_bits: int
+    b_codes: torch.Tensor
+    b_scales: torch.Tensor
+    b_bits: int
+    group: int
+
+    def a(self) -> torch.Tensor:
+        return self.a_codes.to(torch.float32) * self.a_scale.to(torch.float32)
+
+    def b(self) -> torch.Tensor:
+        flat = self.b_codes.reshape(-1).to(torch.float32)
+        scales = self.b_scales.to(torch.float32).repeat_interleave(self.group)[: flat.numel()]
+        return (flat * scales).reshape(self.b_codes.shape)
+
+    def product(self) -> torch.Tensor:
+        return self.a() @ self.b()
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor  # int8, the weight's shape
+    scales: torch.Tensor  # fp16, codes.shape[:-1]
+    bits: int
+    lqer: LowRankFactors | None = None
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.int8:
+            raise TypeError(f"codes must be int8, got {self.codes.dtype}")
+        if self.scales.dtype != torch.float16:
+            raise TypeError(f"scales must be float16, got {self.scales.dtype}")
+        if tuple(self.scales.shape) != tuple(self.codes.shape[:-1]):
+            raise ValueError(f"scales shape {tuple(self.scales.shape)} != codes rows {tuple(self.codes.shape[:-1])}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)
+        if self.lqer is not None:
+            w = w + self.lqer.product()
+        return w.to(dtype)
