@@ -1,0 +1,129 @@
+"""Cholesky GPTQ (Frantar et al. 2023) at per-row fp16 scales fixed before the sweep.
+
+The algorithm is the reference one (IST-DASLab/gptq, as in the Parameter Golf records): dead columns zeroed,
+percent damping, act-order, the upper Cholesky factor of H⁻¹, 128-column blocks with in-block error feedback
+and a lazy batch update of the remaining columns. Differences: the factorisations run in fp64 (the sweep in
+fp32), and a failed Cholesky is never hidden: the damping escalates ×10 a few times, then H is shifted by its
+most negative eigenvalue; the damping finally used is recorded in GPTQStats. A non-finite H raises DataError.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from golfquant.errors import DataError
+from golfquant.quant.clip import hessian_weighted_error, round_codes
+from golfquant.quant.qtensor import QuantizedTensor, qmax
+
+__all__ = ["GPTQStats", "gptq_quantize", "hessian_weighted_error", "inverse_cholesky"]
+
+log = logging.getLogger(__name__)
+ESCALATIONS = 3  # damp, 10·damp, 100·damp, 1000·damp, then the eigenvalue shift
+_FIRST_ESCALATED_DAMP = 0.01  # when the caller asked for damp = 0
+
+
+@dataclass
+class GPTQStats:
+    damp_used: float  # final damping as a fraction of mean(diag H); the largest over the slices of a bank
+    escalations: int  # damping retries (eigenvalue shift included), summed over slices
+    hessian_error: float  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given
+    rtn_error: float  # the same for round-to-nearest at the same scales
+    seconds: float
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + δ·mean(diag H)·I)⁻¹ in fp64, with δ escalated until both factorisations
+    succeed. Returns (factor, δ used, number of escalations)."""
+    h = h.double()
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    mean = float(torch.diagonal(h).abs().mean()) or 1.0  # abs: a broken H may have negative diagonal entries
+    delta, escalations = damp, 0
+    for attempt in range(ESCALATIONS + 1):
+        factor = _try_inverse_cholesky(h + delta * mean * eye)
+        if factor is not None:
+            return factor, delta, escalations
+        if attempt < ESCALATIONS:
+            delta, escalations = (delta * 10 if delta > 0 else _FIRST_ESCALATED_DAMP), escalations + 1
+    # H is far from positive definite: shift it past its most negative eigenvalue.
+    lam_min = float(torch.linalg.eigvalsh(h)[0])
+    delta = (max(0.0, -lam_min) + delta * mean) / mean
+    factor = _try_inverse_cholesky(h + delta * mean * eye)
+    if factor is None:
+        raise DataError(f"Hessian is not factorisable even with damping {delta:.3g}·mean(diag); "
+                        "recollect it with more calibration tokens")
+    return factor, delta, escalations + 1
+
+
+def _try_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info != 0:
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    return upper if info == 0 and bool(torch.isfinite(upper).all()) else None
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int = 128,
+                  act_order: bool = True, damp: float = 0.01) -> tuple[QuantizedTensor, GPTQStats]:
+    """GPTQ of w [rows, cols] (or a bank [S, rows, cols]) given H [cols, cols] (or [S, cols, cols]) and fp16 row
+    scales [rows] (or [S, rows]). Deterministic for a given torch build and thread count."""
+    start = time.perf_counter()
+    if block_size < 1 or damp < 0:
+        raise ValueError(f"block_size must be >= 1 and damp >= 0, got {block_size}, {damp}")
+    if w.dim() == 2:
+        codes, damp_used, escalations = _gptq_2d(w, hessian, bits, scales, block_size, act_order, damp)
+    elif w.dim() == 3:
+        hs = hessian if hessian.dim() == 3 else hessian.expand(w.shape[0], -1, -1)
+        parts = [_gptq_2d(*args, bits, s, block_size, act_order, damp) for args, s in zip(zip(w, hs), scales)]
+        codes = torch.stack([p[0] for p in parts])
+        damp_used, escalations = max(p[1] for p in parts), sum(p[2] for p in parts)
+    else:
+        raise ValueError(f"gptq_quantize expects a 2-D or 3-D weight, got shape {tuple(w.shape)}")
+    qt = QuantizedTensor(codes, scales, bits)
+    h = hessian.float()
+    rtn = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
+    stats = GPTQStats(damp_used, escalations, hessian_weighted_error(w, qt.dequantize(), h),
+                      hessian_weighted_error(w, rtn.dequantize(), h), time.perf_counter() - start)
+    return qt, stats
+
+
+def _gptq_2d(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int,
+             act_order: bool, damp: float) -> tuple[torch.Tensor, float, int]:
+    rows, cols = w.shape
+    if tuple(hessian.shape) != (cols, cols) or tuple(scales.shape) != (rows,):
+        raise ValueError(f"weight {tuple(w.shape)} needs H [{cols}, {cols}] and scales [{rows}], "
+                         f"got {tuple(hessian.shape)} and {tuple(scales.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise DataError("Hessian has NaN/Inf entries: the calibration forward pass overflowed; "
+                        "recollect it (fp32 activations, fewer or shorter sequences)")
+    h = hessian.double().clone()
+    w = w.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    factor, damp_used, escalations = inverse_cholesky(h, damp)
+    if escalations:
+        log.warning("GPTQ: Cholesky failed at damp %g; used %.3g·mean(diag H) after %d escalation(s)",
+                    damp, damp_used, escalations)
+    hinv = factor.float()
+    s = scales.float()
+    r = qmax(bits)
+    q = torch.empty(rows, cols)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty(rows, i2 - i1)
+        h1 = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = w1[:, j]
+            qj = torch.clamp(torch.round(col / s), -r, r)  # the same expression as round_codes
+            q[:, i1 + j] = qj
+            err = (col - qj * s) / h1[j, j]
+            w1[:, j + 1:] -= torch.outer(err, h1[j, j + 1:])
+            err1[:, j] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(perm)].to(torch.int8), damp_used, escalations

@@ -1,0 +1,74 @@
+"""LQER: a quantized low-rank correction of the quantization error, W ≈ q·s + A @ B (after GPTQ).
+
+As in the 04-27 record: SVD of E = W - q·s, rank r (4), A int2 with one fp16 scale for the matrix, B int4 with
+one fp16 scale per group of 64 elements of B flattened. Differences, both because golfquant's codes are
+symmetric (int2 = {-1, 0, 1}, not the record's asymmetric [-2, 1]):
+* A is taken from U_r (unit-norm columns, so one matrix scale suits every column) instead of U_r·S_r, and
+  B is then refit by least squares to the *quantized* A (B = A_q⁺ E), which moves S_r into B's group scales
+  and recovers most of what the coarse ternary A loses;
+* both scales are searched (MSE over shrink factors, `clip.mse` with norm 2), not set from max|·|.
+With a Hessian, U_r comes from the SVD of E·diag(sqrt(diag H)) (activation-scaled error); the least-squares
+refit of B is the same under any column weighting.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from golfquant.errors import OptionError
+from golfquant.quant.clip import ClipSpec, round_codes, row_scales
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor
+
+_FACTOR_CLIP = ClipSpec("mse", norm=2.0, grid=100, maxshrink=0.95)
+
+
+def lqer_factors(error: torch.Tensor, rank: int = 4, a_bits: int = 2, b_bits: int = 4, group: int = 64,
+                 hessian: torch.Tensor | None = None) -> LowRankFactors:
+    """Quantized rank-`rank` factors A [rows, rank], B [rank, cols] with A @ B ≈ error [rows, cols]."""
+    _check(error, rank, a_bits, b_bits, group)
+    e = error.double()
+    x = e * torch.diagonal(hessian.double()).clamp_min(0).sqrt() if hessian is not None else e
+    u = torch.linalg.svd(x, full_matrices=False)[0][:, :rank].float()
+    a_scale = row_scales(u.reshape(1, -1), a_bits, _FACTOR_CLIP)
+    a_codes = round_codes(u.reshape(1, -1), a_scale, a_bits).reshape(u.shape)
+    a = a_codes.double() * a_scale.double()
+    b = (torch.linalg.pinv(a) @ e).float()
+    b_codes, b_scales = _group_quantize(b, b_bits, group)
+    return LowRankFactors(a_codes, a_scale.reshape(()), a_bits, b_codes, b_scales, b_bits, group)
+
+
+def _group_quantize(b: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = b.reshape(-1)
+    pad = -flat.numel() % group
+    groups = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group)
+    scales = row_scales(groups, bits, _FACTOR_CLIP)
+    codes = round_codes(groups, scales, bits).reshape(-1)[: flat.numel()].reshape(b.shape)
+    return codes, scales
+
+
+def _check(error: torch.Tensor, rank: int, a_bits: int, b_bits: int, group: int) -> None:
+    if error.dim() != 2:
+        raise OptionError(f"LQER applies to 2-D matrices, not shape {tuple(error.shape)}; drop it for this tensor")
+    if not 1 <= rank <= min(error.shape):
+        raise OptionError(f"LQER rank must be in 1..{min(error.shape)} for shape {tuple(error.shape)}, got {rank}")
+    for name, bits in (("a_bits", a_bits), ("b_bits", b_bits)):
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise OptionError(f"LQER {name} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    if group < 1:
+        raise OptionError(f"LQER group must be >= 1, got {group}")
+
+
+def apply_lqer(qt: QuantizedTensor, w: torch.Tensor, rank: int = 4, a_bits: int = 2, b_bits: int = 4,
+               group: int = 64, hessian: torch.Tensor | None = None) -> QuantizedTensor:
+    """qt with an LQER correction of its error against the float weight w (any previous correction replaced)."""
+    base = dataclasses.replace(qt, lqer=None)
+    factors = lqer_factors(w.float() - base.dequantize(), rank, a_bits, b_bits, group, hessian)
+    return dataclasses.replace(qt, lqer=factors)
+
+
+def select_lqer_targets(errors: dict[str, float], top: int = 3) -> list[str]:
+    """The `top` names with the largest error (ties by name, so the choice is deterministic)."""
+    if top < 0:
+        raise OptionError(f"LQER top-K must be >= 0, got {top}")
+    return sorted(errors, key=lambda name: (-errors[name], name))[:top]
