@@ -1,0 +1,670 @@
+"""The artifact container (format in docs/artifact.md): header, compressed JSON manifest, then sections.
+
+Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
+section of fp16 scales, one shared section of passthrough tensors per element size, and per-factor code sections for
+LQER. The reader validates everything against the file size before allocating, since artifacts come from strangers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from golfquant.atomic import atomic_write_bytes
+from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compress, compress_best, decompress
+from golfquant.errors import ArtifactError, OptionError
+from golfquant.pack import LAYOUTS, layouts_for, pack_codes, packed_length, unpack_codes
+from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
+                            scheme_bits)
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, qmax
+
+MAGIC = b"GQA1"
+VERSION = 1
+_HEAD = struct.Struct("<4sHB")  # magic, version, length of the manifest codec name
+_MANIFEST_HEAD = struct.Struct("<III")  # compressed and raw manifest lengths, crc32 of the compressed manifest
+# Bounds checked before anything is allocated; far above what a 16 MB artifact can legitimately need.
+MAX_FILE_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 1 << 26
+MAX_RAW_BYTES = 1 << 30  # sum of all decoded section lengths
+MAX_NUMEL = 1 << 28  # sum of all tensor (and LQER factor) element counts
+MAX_NDIM = 8
+MAX_CODEC_NAME = 32
+
+BYTE_LAYOUTS = ("bytes", "shuffle2", "shuffle4", "shuffle8")
+SECTION_KINDS = ("codes", "scales", "data")
+_SCALE_BYTES = 2  # fp16
+
+
+@dataclass
+class SectionInfo:
+    index: int
+    kind: str
+    name: str
+    codec: str
+    layout: str | None
+    raw_length: int
+    length: int
+
+
+@dataclass
+class TensorSize:
+    """Compressed bytes attributed to one tensor; shared sections are split in proportion to raw bytes."""
+
+    name: str
+    role: str
+    scheme: str
+    bits: int | None
+    numel: int
+    codes_bytes: int = 0
+    scales_bytes: int = 0
+    data_bytes: int = 0
+    lqer_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.codes_bytes + self.scales_bytes + self.data_bytes + self.lqer_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.total / self.numel if self.numel else 0.0
+
+
+@dataclass
+class ArtifactInfo:
+    """Where every byte of an artifact goes: total == header + manifest + unattributed + sum of tensor totals."""
+
+    path: Path
+    total_bytes: int
+    header_bytes: int
+    manifest_bytes: int
+    manifest_codec: str
+    unattributed_bytes: int
+    sections: list[SectionInfo]
+    tensors: list[TensorSize]
+
+
+@dataclass
+class Artifact:
+    manifest: dict
+    tensors: dict[str, QuantizedTensor | torch.Tensor]  # float tensors in their stored dtype
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _Section:
+    kind: str
+    name: str
+    codec: str
+    layout: str | None
+    raw_length: int
+    blob: bytes
+
+
+def _shuffle(data: bytes, stride: int) -> bytes:
+    """Byte k of every element first, k = 0..stride-1 (separates fp16/fp32 high and low bytes for the codecs)."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, stride).T.tobytes()
+
+
+def _unshuffle(data: bytes, stride: int) -> bytes:
+    return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
+
+
+def _apply_byte_layout(data: bytes, layout: str) -> bytes:
+    return data if layout == "bytes" else _shuffle(data, int(layout[7:]))
+
+
+def _smallest(candidates: list[_Section]) -> _Section:
+    return min(candidates, key=lambda s: len(s.blob))  # min keeps the first of equal sizes: deterministic
+
+
+def _encode_codes(kind_name: str, codes: torch.Tensor, bits: int, byte_codecs: list[str], codes_codecs: list[str],
+                  layouts: Iterable[str] | None) -> _Section:
+    """Every (layout x byte codec) pair and every codes codec; the smallest encoding wins."""
+    arr = codes.detach().cpu().numpy()
+    allowed = [name for name in layouts_for(bits, arr.ndim) if layouts is None or name in layouts]
+    candidates, seen = [], set()
+    for layout in allowed:
+        packed = pack_codes(arr, bits, layout)
+        if packed in seen:  # e.g. nibble and planes are the same bytes at 4 bits
+            continue
+        seen.add(packed)
+        candidates += [_Section("codes", kind_name, c, layout, len(packed), compress(packed, c)) for c in byte_codecs]
+    for name in codes_codecs:
+        candidates.append(_Section("codes", kind_name, name, None, arr.size, CODES_CODECS[name].encode(arr, bits)))
+    if not candidates:
+        raise OptionError(f"no layout/codec pair to encode '{kind_name}': allow one of {', '.join(allowed or LAYOUTS)}")
+    return _smallest(candidates)
+
+
+def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str]) -> _Section:
+    layouts = ["bytes"] + ([f"shuffle{itemsize}"] if itemsize > 1 else [])
+    return _smallest([_Section(kind, name, c, layout, len(raw), compress(_apply_byte_layout(raw, layout), c))
+                      for layout in layouts for c in byte_codecs])
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _scheme_for_dtype(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, "raw")
+
+
+def _describe(name: str, value: QuantizedTensor | torch.Tensor, plan_entry: TensorPlan | str | None) -> dict:
+    """The manifest entry (without section refs) of one tensor, checked against its plan entry."""
+    is_quant = isinstance(value, QuantizedTensor)
+    shape = list(value.shape)
+    if isinstance(plan_entry, TensorPlan):
+        role, scheme, dtype = plan_entry.role, plan_entry.scheme, plan_entry.dtype
+        if list(plan_entry.shape) != shape:
+            raise ValueError(f"tensor '{name}' has shape {shape} but its plan says {list(plan_entry.shape)}")
+    else:
+        role = plan_entry or role_of(name)
+        scheme = f"int{value.bits}" if is_quant else _scheme_for_dtype(value.dtype)
+        dtype = "float32" if is_quant else dtype_name(value.dtype)
+    if role not in ROLES:
+        raise ValueError(f"tensor '{name}' has unknown role '{role}': use one of {', '.join(ROLES)}")
+    if is_quant != (scheme in INT_SCHEMES) or (is_quant and value.bits != scheme_bits(scheme)):
+        got = f"a {value.bits}-bit QuantizedTensor" if is_quant else "a float tensor"
+        raise ValueError(f"tensor '{name}' is {got} but its plan scheme is {scheme}")
+    return {"name": name, "shape": shape, "dtype": dtype, "role": role, "scheme": scheme,
+            "bits": value.bits if is_quant else None, "kind": "quant" if is_quant else "float"}
+
+
+def _stored_tensor(value: torch.Tensor, scheme: str) -> torch.Tensor:
+    return value.to(FLOAT_SCHEMES[scheme]) if scheme in FLOAT_SCHEMES else value
+
+
+def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
+    rank = lqer.a_codes.shape[-1] if lqer.a_codes.dim() == 2 else -1
+    cols = shape[-1] if shape else -1
+    ok = (len(shape) >= 2 and tuple(lqer.a_codes.shape) == (shape[-2], rank)
+          and tuple(lqer.b_codes.shape) == (rank, cols)
+          and lqer.group >= 1 and tuple(lqer.a_scale.shape) == ()
+          and tuple(lqer.b_scales.shape) == (math.ceil(rank * cols / lqer.group),)
+          and lqer.a_scale.dtype == torch.float16 and lqer.b_scales.dtype == torch.float16)
+    if not ok:
+        raise ValueError(f"LQER factors of '{name}' do not fit its shape {shape} (see LowRankFactors)")
+
+
+def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor | torch.Tensor],
+                   plan: Mapping[str, TensorPlan | str] | None, meta: Mapping[str, Any] | None = None,
+                   codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None) -> ArtifactInfo:
+    """Write `tensors` atomically; the same input gives the same bytes.
+
+    plan: name -> TensorPlan (role, scheme, original dtype; float tensors are cast to the scheme's dtype), or
+    name -> role string, or None (roles from names, tensors stored as given). codecs: byte and/or codes codec names to
+    try (default all); layouts: code layouts to try (default all valid). meta: JSON-serializable extras.
+    """
+    names = check_codec_names(codecs) if codecs is not None else [*BYTE_CODECS, *CODES_CODECS]
+    byte_codecs = [n for n in BYTE_CODECS if n in names]  # registry order: the tie-break order
+    codes_codecs = [n for n in CODES_CODECS if n in names]
+    if not byte_codecs:
+        raise OptionError(f"name at least one byte codec ({', '.join(BYTE_CODECS)}): scales and float tensors need one")
+    layouts = None if layouts is None else list(layouts)
+    for layout in layouts or []:
+        if layout not in LAYOUTS:
+            raise OptionError(f"unknown layout '{layout}': use one of {', '.join(LAYOUTS)}")
+    if plan is not None:
+        missing = [n for n in tensors if n not in plan]
+        if missing:
+            raise ValueError(f"the plan has no entry for tensor '{missing[0]}'")
+
+    sections: list[_Section] = []
+    entries: list[dict] = []
+    scales_raw: list[bytes] = []
+    data_raw: dict[int, list[bytes]] = {}
+    scales_len = 0
+    data_len: dict[int, int] = {}
+
+    def add_scales(t: torch.Tensor) -> dict:
+        nonlocal scales_len
+        ref = {"section": "scales", "offset": scales_len}
+        scales_raw.append(_raw_bytes(t))
+        scales_len += len(scales_raw[-1])
+        return ref
+
+    def add_codes(kind_name: str, codes: torch.Tensor, bits: int) -> int:
+        sections.append(_encode_codes(kind_name, codes, bits, byte_codecs, codes_codecs, layouts))
+        return len(sections) - 1
+
+    for name, value in tensors.items():
+        entry = _describe(name, value, None if plan is None else plan[name])
+        if isinstance(value, QuantizedTensor):
+            entry["codes"] = add_codes(f"codes:{name}", value.codes, value.bits)
+            entry["scales"] = add_scales(value.scales)
+            entry["lqer"] = None
+            if value.lqer is not None:
+                lq = value.lqer
+                _check_lqer(name, lq, entry["shape"])
+                entry["lqer"] = {"rank": lq.a_codes.shape[1], "group": lq.group,
+                                 "a_bits": lq.a_bits, "b_bits": lq.b_bits,
+                                 "a_codes": add_codes(f"lqer.a:{name}", lq.a_codes, lq.a_bits),
+                                 "b_codes": add_codes(f"lqer.b:{name}", lq.b_codes, lq.b_bits),
+                                 "a_scale": add_scales(lq.a_scale), "b_scales": add_scales(lq.b_scales)}
+        else:
+            stored = _stored_tensor(value, entry["scheme"])
+            size = stored.element_size()
+            data_raw.setdefault(size, []).append(_raw_bytes(stored))
+            entry["data"] = {"section": size, "offset": data_len.get(size, 0), "dtype": dtype_name(stored.dtype)}
+            data_len[size] = data_len.get(size, 0) + len(data_raw[size][-1])
+        entries.append(entry)
+
+    scales_index = len(sections)
+    if scales_raw:
+        sections.append(_encode_bytes("scales", "scales", b"".join(scales_raw), _SCALE_BYTES, byte_codecs))
+    data_index = {}
+    for size in sorted(data_raw):
+        data_index[size] = len(sections)
+        sections.append(_encode_bytes("data", f"data:{size}", b"".join(data_raw[size]), size, byte_codecs))
+    for entry in entries:  # the shared sections' indexes are known only now
+        if entry["kind"] == "float":
+            entry["data"]["section"] = data_index[entry["data"]["section"]]
+            continue
+        lq = entry["lqer"]
+        for ref in [entry["scales"]] + ([lq["a_scale"], lq["b_scales"]] if lq else []):
+            ref["section"] = scales_index
+
+    offset, section_entries = 0, []
+    for s in sections:
+        section_entries.append({"kind": s.kind, "name": s.name, "offset": offset, "length": len(s.blob),
+                                "raw_length": s.raw_length, "codec": s.codec, "layout": s.layout,
+                                "crc32": zlib.crc32(s.blob)})
+        offset += len(s.blob)
+    manifest = {"tensors": entries, "sections": section_entries, "meta": dict(meta or {})}
+    try:
+        manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"artifact meta must be JSON-serializable without NaN/inf: {e}") from None
+    manifest_codec, manifest_blob = compress_best(manifest_json)
+    header = _HEAD.pack(MAGIC, VERSION, len(manifest_codec)) + manifest_codec.encode("ascii") \
+        + _MANIFEST_HEAD.pack(len(manifest_blob), len(manifest_json), zlib.crc32(manifest_blob))
+    _validate_manifest(manifest, offset)  # the writer's output must pass the reader's checks
+    atomic_write_bytes(path, header + manifest_blob + b"".join(s.blob for s in sections))
+    return _size_report(Path(path), manifest, len(header), len(manifest_blob), manifest_codec)
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+
+
+def _fail(path: Path | str, what: str) -> ArtifactError:
+    return ArtifactError(f"artifact {path}: {what}")
+
+
+def _read_container(path: str | os.PathLike) -> tuple[dict, memoryview, int, int, str]:
+    """(validated manifest, data region, header bytes, compressed manifest bytes, manifest codec)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise _fail(path, f"is {size} bytes, above the {MAX_FILE_BYTES}-byte limit")
+        data = memoryview(path.read_bytes())
+    except OSError as e:
+        raise _fail(path, f"cannot be read ({e.strerror or e}): check the path") from None
+    if len(data) < _HEAD.size or bytes(data[:4]) != MAGIC:
+        raise _fail(path, f"is not a golfquant artifact (magic {bytes(data[:4])!r}, expected {MAGIC!r})")
+    _, version, name_len = _HEAD.unpack_from(data)
+    if version != VERSION:
+        raise _fail(path, f"has format version {version}; this golfquant reads version {VERSION}")
+    head_end = _HEAD.size + name_len + _MANIFEST_HEAD.size
+    if name_len > MAX_CODEC_NAME or len(data) < head_end:
+        raise _fail(path, "has a truncated or damaged header")
+    try:
+        manifest_codec = bytes(data[_HEAD.size : _HEAD.size + name_len]).decode("ascii")
+    except UnicodeDecodeError:
+        raise _fail(path, "has a damaged manifest codec name") from None
+    m_len, m_raw, m_crc = _MANIFEST_HEAD.unpack_from(data, _HEAD.size + name_len)
+    if m_len > len(data) - head_end or m_raw > MAX_MANIFEST_BYTES:
+        raise _fail(path, f"declares a manifest of {m_len} bytes ({m_raw} raw) that does not fit the file")
+    blob = data[head_end : head_end + m_len]
+    if zlib.crc32(blob) != m_crc:
+        raise _fail(path, "manifest checksum mismatch (the file is damaged)")
+    try:
+        raw = decompress(blob, manifest_codec, m_raw)
+        if len(raw) != m_raw:
+            raise ArtifactError(f"manifest decodes to {len(raw)} bytes, header says {m_raw}")
+        manifest = json.loads(raw.decode("utf-8"))
+        _validate_manifest(manifest, len(data) - head_end - m_len)
+    except ArtifactError as e:
+        raise _fail(path, str(e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"manifest is not valid JSON: {e}") from None
+    return manifest, data[head_end + m_len :], head_end, m_len, manifest_codec
+
+
+def _bad(where: str, what: str) -> ArtifactError:
+    return ArtifactError(f"manifest {where}: {what}")
+
+
+def _get(obj: Any, key: str, where: str, kind: type | tuple) -> Any:
+    if not isinstance(obj, dict):
+        raise _bad(where, f"expected an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise _bad(where, f"lacks '{key}'")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not any(type(value) is k for k in kinds):  # exact types: JSON true must not pass as an int
+        raise _bad(f"{where}.{key}", f"expected {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    return value
+
+
+def _get_int(obj: Any, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
+    value = _get(obj, key, where, int)
+    if value < lo or (hi is not None and value > hi):
+        raise _bad(f"{where}.{key}", f"{value} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+    return value
+
+
+def _get_choice(obj: Any, key: str, where: str, choices: Iterable[str]) -> str:
+    value = _get(obj, key, where, str)
+    choices = tuple(choices)
+    if value not in choices:
+        raise _bad(f"{where}.{key}", f"unknown value '{value}' (known: {', '.join(choices)})")
+    return value
+
+
+def _check_keys(obj: dict, keys: set[str], where: str) -> None:
+    if set(obj) != keys:
+        raise _bad(where, f"has keys {sorted(obj)}, expected {sorted(keys)}")
+
+
+_SECTION_KEYS = {"kind", "name", "offset", "length", "raw_length", "codec", "layout", "crc32"}
+_TENSOR_KEYS = {"name", "shape", "dtype", "role", "scheme", "bits", "kind"}
+_LQER_KEYS = {"rank", "group", "a_bits", "b_bits", "a_codes", "b_codes", "a_scale", "b_scales"}
+
+
+def _validate_section(s: Any, where: str, offset: int) -> int:
+    _get(s, "kind", where, str)
+    _check_keys(s, _SECTION_KEYS, where)
+    kind = _get_choice(s, "kind", where, SECTION_KINDS)
+    _get(s, "name", where, str)
+    if _get_int(s, "offset", where) != offset:
+        raise _bad(f"{where}.offset", f"is {s['offset']}, expected {offset} (sections are contiguous)")
+    _get_int(s, "crc32", where, 0, 2**32 - 1)
+    raw_length = _get_int(s, "raw_length", where, 0, MAX_RAW_BYTES)
+    codec = _get(s, "codec", where, str)
+    if kind == "codes" and codec in CODES_CODECS:
+        if s["layout"] is not None:
+            raise _bad(f"{where}.layout", "must be null for a codes codec")
+    else:
+        _get_choice(s, "codec", where, BYTE_CODECS)
+        layout = _get_choice(s, "layout", where, LAYOUTS if kind == "codes" else BYTE_LAYOUTS)
+        if kind == "scales" and layout not in ("bytes", "shuffle2"):
+            raise _bad(f"{where}.layout", f"'{layout}' does not fit fp16 scales")
+        if layout.startswith("shuffle") and raw_length % int(layout[7:]):
+            raise _bad(f"{where}.raw_length", f"{raw_length} is not a multiple of the {layout} stride")
+    return offset + _get_int(s, "length", where)
+
+
+def _shape_of(entry: dict, where: str) -> tuple[int, ...]:
+    shape = _get(entry, "shape", where, list)
+    if len(shape) > MAX_NDIM or not all(type(d) is int and 0 <= d <= MAX_NUMEL for d in shape):
+        raise _bad(f"{where}.shape", f"{shape} is not a list of at most {MAX_NDIM} sizes in [0, {MAX_NUMEL}]")
+    return tuple(shape)
+
+
+def _section_of(sections: list, index: Any, kind: str, where: str) -> dict:
+    if type(index) is not int or not 0 <= index < len(sections) or sections[index]["kind"] != kind:
+        raise _bad(where, f"{index!r} is not the index of a {kind} section")
+    return sections[index]
+
+
+def _check_codes_ref(sections: list, index: Any, shape: tuple[int, ...], bits: int, where: str) -> None:
+    s = _section_of(sections, index, "codes", where)
+    numel = math.prod(shape)
+    if s["codec"] in CODES_CODECS:
+        expected = numel
+    elif s["layout"] in layouts_for(bits, len(shape)):
+        expected = packed_length(numel, bits, s["layout"])
+    else:
+        raise _bad(where, f"layout '{s['layout']}' does not fit {bits}-bit codes of shape {list(shape)}")
+    if s["raw_length"] != expected:
+        raise _bad(where, f"codes section raw_length {s['raw_length']} != {expected} for shape {list(shape)}")
+
+
+def _check_span(sections: list, ref: Any, nbytes: int, kind: str, where: str) -> None:
+    s = _section_of(sections, _get(ref, "section", where, int), kind, f"{where}.section")
+    offset = _get_int(ref, "offset", where)
+    if offset + nbytes > s["raw_length"]:
+        raise _bad(where, f"bytes [{offset}, {offset + nbytes}) exceed the {s['raw_length']}-byte {kind} section")
+
+
+def _validate_lqer(lq: Any, sections: list, shape: tuple[int, ...], where: str) -> int:
+    _get(lq, "rank", where, int)
+    _check_keys(lq, _LQER_KEYS, where)
+    if len(shape) < 2:
+        raise _bad(where, "LQER needs a tensor of rank >= 2")
+    rank = _get_int(lq, "rank", where, 0, MAX_NUMEL)
+    group = _get_int(lq, "group", where, 1, MAX_NUMEL)
+    a_shape, b_shape = (shape[-2], rank), (rank, shape[-1])
+    for side, fshape in (("a", a_shape), ("b", b_shape)):
+        bits = _get_int(lq, f"{side}_bits", where, MIN_BITS, MAX_BITS)
+        _check_codes_ref(sections, lq[f"{side}_codes"], fshape, bits, f"{where}.{side}_codes")
+    _check_span(sections, _get(lq, "a_scale", where, dict), _SCALE_BYTES, "scales", f"{where}.a_scale")
+    n_b_scales = math.ceil(rank * shape[-1] / group)
+    _check_span(sections, _get(lq, "b_scales", where, dict), _SCALE_BYTES * n_b_scales, "scales", f"{where}.b_scales")
+    return math.prod(a_shape) + math.prod(b_shape)
+
+
+def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
+    """Check one tensor entry and its references; return its element count (LQER factors included)."""
+    name = _get(t, "name", where, str)
+    where = f"tensor '{name}'"
+    if name in names:
+        raise _bad(where, "appears twice")
+    names.add(name)
+    kind = _get_choice(t, "kind", where, ("quant", "float"))
+    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} if kind == "quant" else {"data"}), where)
+    shape = _shape_of(t, where)
+    numel = math.prod(shape)
+    if numel > MAX_NUMEL:
+        raise _bad(where, f"{numel} elements exceed the {MAX_NUMEL} limit")
+    dtype = _get_choice(t, "dtype", where, DTYPES)
+    _get_choice(t, "role", where, ROLES)
+    scheme = _get_choice(t, "scheme", where, SCHEMES)
+    if kind == "quant":
+        bits = _get(t, "bits", where, int)
+        if scheme not in INT_SCHEMES or bits != scheme_bits(scheme) or not shape or not DTYPES[dtype].is_floating_point:
+            raise _bad(where, f"quantized entry with scheme {scheme}, bits {bits}, shape {list(shape)}, dtype {dtype}")
+        _check_codes_ref(sections, t["codes"], shape, bits, f"{where}.codes")
+        _check_span(sections, _get(t, "scales", where, dict), _SCALE_BYTES * math.prod(shape[:-1]), "scales",
+                    f"{where}.scales")
+        lq = _get(t, "lqer", where, (dict, type(None)))
+        return numel + (0 if lq is None else _validate_lqer(lq, sections, shape, f"{where}.lqer"))
+    if t["bits"] is not None:
+        raise _bad(f"{where}.bits", "must be null for a float entry")
+    ref = _get(t, "data", where, dict)
+    stored = _get_choice(ref, "dtype", f"{where}.data", DTYPES)
+    expected = dtype if scheme == "raw" else dtype_name(FLOAT_SCHEMES[scheme]) if scheme in FLOAT_SCHEMES else None
+    if stored != expected:
+        raise _bad(f"{where}.data.dtype", f"'{stored}' does not match scheme {scheme} of a {dtype} tensor")
+    _check_span(sections, ref, numel * DTYPES[stored].itemsize, "data", f"{where}.data")
+    return numel
+
+
+def _validate_manifest(m: Any, data_len: int) -> None:
+    """Schema, types, bounds and cross-references of a manifest whose sections span `data_len` bytes."""
+    if not isinstance(m, dict):
+        raise _bad("root", f"expected an object, got {type(m).__name__}")
+    _check_keys(m, {"tensors", "sections", "meta"}, "root")
+    _get(m, "meta", "root", dict)
+    sections = _get(m, "sections", "root", list)
+    end = 0
+    for i, s in enumerate(sections):
+        end = _validate_section(s, f"sections[{i}]", end)
+    if end != data_len:
+        raise _bad("sections", f"cover {end} bytes but the file holds {data_len} bytes of section data")
+    if sum(s["raw_length"] for s in sections) > MAX_RAW_BYTES:
+        raise _bad("sections", f"decode to more than {MAX_RAW_BYTES} bytes")
+    names: set[str] = set()
+    total = sum(_validate_tensor(t, sections, f"tensors[{i}]", names)
+                for i, t in enumerate(_get(m, "tensors", "root", list)))
+    if total > MAX_NUMEL:
+        raise _bad("tensors", f"hold {total} elements, above the {MAX_NUMEL} limit")
+
+
+def _section_payload(region: memoryview, s: dict, where: str) -> bytes:
+    """Decoded bytes of a byte-codec section: crc, bounded decompression, exact length, byte layout undone."""
+    blob = region[s["offset"] : s["offset"] + s["length"]]
+    if zlib.crc32(blob) != s["crc32"]:
+        raise ArtifactError(f"{where}: checksum mismatch (the file is damaged)")
+    raw = decompress(blob, s["codec"], s["raw_length"])
+    if len(raw) != s["raw_length"]:
+        raise ArtifactError(f"{where}: decodes to {len(raw)} bytes, manifest says {s['raw_length']}")
+    if s["kind"] == "codes" or s["layout"] == "bytes":
+        return raw
+    return _unshuffle(raw, int(s["layout"][7:]))
+
+
+def _decode_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str) -> torch.Tensor:
+    if s["codec"] not in CODES_CODECS:
+        return unpack_codes(_section_payload(region, s, where), bits, s["layout"], shape)
+    blob = bytes(region[s["offset"] : s["offset"] + s["length"]])
+    if zlib.crc32(blob) != s["crc32"]:
+        raise ArtifactError(f"{where}: checksum mismatch (the file is damaged)")
+    arr = CODES_CODECS[s["codec"]].decode(blob, shape, bits)
+    r = qmax(bits)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.int8 or arr.shape != shape \
+            or (arr.size and (int(arr.min()) < -r or int(arr.max()) > r)):
+        raise ArtifactError(f"{where}: codec '{s['codec']}' returned codes that do not fit {bits} bits x {list(shape)}")
+    return torch.from_numpy(np.array(arr))
+
+
+def _frombuffer(raw: bytes, offset: int, shape: tuple[int, ...], dtype_str: str, where: str) -> torch.Tensor:
+    dtype = DTYPES[dtype_str]
+    nbytes = math.prod(shape) * dtype.itemsize
+    chunk = bytearray(raw[offset : offset + nbytes])
+    if dtype == torch.bool and chunk and int(np.frombuffer(chunk, dtype=np.uint8).max()) > 1:
+        raise ArtifactError(f"{where}: bool data holds bytes other than 0 and 1")
+    if not chunk:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+
+def read_artifact(path: str | os.PathLike) -> Artifact:
+    """Validate and decode every section; quantized tensors come back as QuantizedTensor, floats as stored."""
+    manifest, region, _, _, _ = _read_container(path)
+    sections = manifest["sections"]
+    payloads: dict[int, bytes] = {}
+
+    def payload(index: int) -> bytes:
+        if index not in payloads:
+            payloads[index] = _section_payload(region, sections[index], f"artifact {path}: sections[{index}]")
+        return payloads[index]
+
+    def scales(ref: dict, shape: tuple[int, ...], where: str) -> torch.Tensor:
+        return _frombuffer(payload(ref["section"]), ref["offset"], shape, "float16", where)
+
+    tensors: dict[str, QuantizedTensor | torch.Tensor] = {}
+    for t in manifest["tensors"]:
+        where = f"artifact {path}: tensor '{t['name']}'"
+        shape = tuple(t["shape"])
+        if t["kind"] == "float":
+            ref = t["data"]
+            tensors[t["name"]] = _frombuffer(payload(ref["section"]), ref["offset"], shape, ref["dtype"], where)
+            continue
+        codes = _decode_codes(region, sections[t["codes"]], shape, t["bits"], where)
+        lqer = None
+        if t["lqer"] is not None:
+            lq = t["lqer"]
+            a_shape, b_shape = (shape[-2], lq["rank"]), (lq["rank"], shape[-1])
+            lqer = LowRankFactors(
+                a_codes=_decode_codes(region, sections[lq["a_codes"]], a_shape, lq["a_bits"], where),
+                a_scale=scales(lq["a_scale"], (), where), a_bits=lq["a_bits"],
+                b_codes=_decode_codes(region, sections[lq["b_codes"]], b_shape, lq["b_bits"], where),
+                b_scales=scales(lq["b_scales"], (math.ceil(lq["rank"] * shape[-1] / lq["group"]),), where),
+                b_bits=lq["b_bits"], group=lq["group"])
+        tensors[t["name"]] = QuantizedTensor(codes, scales(t["scales"], shape[:-1], where), t["bits"], lqer)
+    return Artifact(manifest, tensors)
+
+
+def _to_device(qt: QuantizedTensor, device: str | torch.device) -> QuantizedTensor:
+    lqer = qt.lqer
+    if lqer is not None:
+        lqer = replace(lqer, a_codes=lqer.a_codes.to(device), a_scale=lqer.a_scale.to(device),
+                       b_codes=lqer.b_codes.to(device), b_scales=lqer.b_scales.to(device))
+    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.bits, lqer)
+
+
+def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """A state_dict: float tensors (dequantized ones included) in their original dtype, or `dtype` when given.
+
+    dequantize=False keeps quantized tensors as QuantizedTensor. Non-float tensors keep their dtype.
+    """
+    art = read_artifact(path)
+    out: dict[str, torch.Tensor | QuantizedTensor] = {}
+    for t in art.manifest["tensors"]:
+        value = art.tensors[t["name"]]
+        target = dtype or DTYPES[t["dtype"]]
+        if isinstance(value, QuantizedTensor):
+            value = _to_device(value, device)
+            out[t["name"]] = value.dequantize(target) if dequantize else value
+        else:
+            out[t["name"]] = value.to(device=device, dtype=target if value.is_floating_point() else value.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ size report
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """Split `total` into integers proportional to `weights` (largest remainder; ties to the earlier part)."""
+    if not weights:
+        return []
+    if sum(weights) == 0:
+        weights = [1] * len(weights)
+    w_sum = sum(weights)
+    shares = [total * w // w_sum for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % w_sum), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _size_report(path: Path, m: dict, header_bytes: int, manifest_bytes: int, manifest_codec: str) -> ArtifactInfo:
+    sections = m["sections"]
+    rows = [TensorSize(t["name"], t["role"], t["scheme"], t["bits"], math.prod(t["shape"])) for t in m["tensors"]]
+    # per section: (row index, field, raw bytes) of every part that references it
+    parts: dict[int, list[tuple[int, str, int]]] = {i: [] for i in range(len(sections))}
+    for i, t in enumerate(m["tensors"]):
+        if t["kind"] == "float":
+            parts[t["data"]["section"]].append((i, "data_bytes", rows[i].numel * DTYPES[t["data"]["dtype"]].itemsize))
+            continue
+        parts[t["codes"]].append((i, "codes_bytes", 1))
+        parts[t["scales"]["section"]].append((i, "scales_bytes", _SCALE_BYTES * math.prod(t["shape"][:-1])))
+        lq = t["lqer"]
+        if lq is not None:
+            n_b = math.ceil(lq["rank"] * t["shape"][-1] / lq["group"])
+            parts[lq["a_codes"]].append((i, "lqer_bytes", 1))
+            parts[lq["b_codes"]].append((i, "lqer_bytes", 1))
+            parts[lq["a_scale"]["section"]].append((i, "lqer_bytes", _SCALE_BYTES))
+            parts[lq["b_scales"]["section"]].append((i, "lqer_bytes", _SCALE_BYTES * n_b))
+    unattributed = 0
+    for index, refs in parts.items():
+        length = sections[index]["length"]
+        if not refs:
+            unattributed += length
+        for (row, attr, _), share in zip(refs, _apportion(length, [w for _, _, w in refs])):
+            setattr(rows[row], attr, getattr(rows[row], attr) + share)
+    infos = [SectionInfo(i, s["kind"], s["name"], s["codec"], s["layout"], s["raw_length"], s["length"])
+             for i, s in enumerate(sections)]
+    total = header_bytes + manifest_bytes + sum(s.length for s in infos)
+    return ArtifactInfo(path, total, header_bytes, manifest_bytes, manifest_codec, unattributed, infos, rows)
+
+
+def artifact_sizes(path: str | os.PathLike) -> ArtifactInfo:
+    """Compressed bytes per section, and per tensor with the shared scales and data sections split in proportion to
+    each tensor's raw bytes in them (header and manifest are their own rows). Decompresses nothing."""
+    manifest, _, header_bytes, manifest_bytes, manifest_codec = _read_container(path)
+    return _size_report(Path(path), manifest, header_bytes, manifest_bytes, manifest_codec)

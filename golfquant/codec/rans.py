@@ -1,0 +1,620 @@
+"""rANS coder for symmetric integer codes with a row x column width context model.
+
+Why: compressed size follows the entropy of the codes, and the codes of a weight matrix are not identically
+distributed: every row (per-row amax scales) and every input column (trained channels) has its own spread.
+The model gives code q_ij a discretized Student-t law whose width depends on its row and column:
+
+    class k_ij = clip(A_i + B_j + shift, 0, 159),   width_k = 2 ** ((k - 72) / 8)   (1/8-octave steps),
+    P(q) = F_nu((q + 1/2) / width) - F_nu((q - 1/2) / width),   the outer codes +-qmax take the clipped tails,
+
+with one byte A_i per row and B_j per column (themselves entropy coded), nu in {2, 4, ..., 128} and the shift
+per tensor. The encoder fits A, B by moments, refines them and picks nu/shift by the exact coded size, and
+also tries rows-only, columns-only, no context and a plain stored order-0 table; the smallest wins (header
+bytes 1-2 record the choice). The tables are rebuilt by the decoder from these parameters with only
++ - * / and sqrt in float64 (IEEE-exact, so identical on every machine), then rounded to 16-bit frequencies.
+
+Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
+e of the row-major flattening goes to lane e % W at step e // W, so encode and decode are numpy ops across
+lanes with one Python iteration per step. The decoder checks that every lane ends in its initial state and
+that every word was used, so damaged input raises ArtifactError.
+
+Blob: version, kind, then per kind (all integers little-endian):
+  kind 0: empty tensor (nothing else)
+  kind 1 (parametric): flags (bit0 rows, bit1 cols), nu index, shift int16, [A values], [B values], stream
+  kind 2 (order-0): table, stream
+  kind 3 (split): row flags, root indices (low, high bytes) as values, varint length + blob of the root rows,
+                  blob of the other rows' residuals (code - root code, wrapped), whose classes add
+                  floor(8 log2(|root code| + 1)): a near-copy differs where the root code is large
+values = table + varint length + stream; table = lo, span, precision p, then span+1 varint frequencies
+summing to 2^p; stream = W uint32 final lane states, then uint16 words.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from golfquant.errors import ArtifactError, OptionError
+
+VERSION = 1
+_KIND_EMPTY, _KIND_PARAMETRIC, _KIND_ORDER0, _KIND_SPLIT = 0, 1, 2, 3
+_PROB_BITS = 16
+_M = 1 << _PROB_BITS
+_LOW = 1 << 16  # lane states live in [_LOW, 2^32)
+_NUS = (2, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+_K = 160  # width classes
+_K_UNIT = 72  # class of width 1
+_OCTAVE = 8  # classes per octave
+# 2 ** (m / 8) as literals: float parsing is exact everywhere, libm's pow is not.
+_ROOTS = np.array([1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096,
+                   1.4142135623730951, 1.5422108254079407, 1.681792830507429, 1.8340080864093424])
+_SIDE_PREC = 12
+_STEPS_PER_LANE = 8192  # lanes = ceil(n / this): 4 flush bytes per lane vs Python steps per call
+_MAX_LANES = 1024
+_REFINE = (-2, -1, 1, 2)
+_RANS_LOSS = 0.0002  # bytes per symbol and ideal bit (up to 2) that a stream spends above its ideal size (measured)
+
+
+def _qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _check_bits(bits, err) -> int:
+    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+        raise err(f"code width bits={bits!r} is not supported; use an integer in 2..8")
+    return int(bits)
+
+
+def _lanes(n: int) -> int:
+    return max(1, min(_MAX_LANES, -(-n // _STEPS_PER_LANE)))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _t_cdf(t: np.ndarray, nu: int) -> np.ndarray:
+    """Student-t CDF for even nu: 1/2 + t / (2 sqrt(nu + t^2)) * sum_j c_j (nu / (nu + t^2))^j."""
+    d = nu + t * t
+    x = nu / d
+    term = np.ones_like(t)
+    acc = np.ones_like(t)
+    c = 1.0
+    for j in range(1, nu // 2):
+        c = c * (2 * j - 1) / (2 * j)
+        term = term * x
+        acc = acc + c * term
+    return 0.5 + t / (2.0 * np.sqrt(d)) * acc
+
+
+def _quantize(p: np.ndarray, total: int) -> np.ndarray:
+    """Probabilities (rows) -> integer frequencies summing to `total`; every p > 0 gets at least 1."""
+    present = p > 0
+    nz = present.sum(axis=-1, keepdims=True)
+    f = np.where(present, np.floor(p * (total - nz)) + 1, 0).astype(np.int64)
+    rows = np.arange(f.shape[0])
+    f[rows, f.argmax(axis=-1)] += total - f.sum(axis=-1)
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _parametric_freq(bits: int, nu_index: int) -> np.ndarray:
+    """[K, S] frequencies (sum 2^16 per row) of the discretized t law for every width class."""
+    r = _qmax(bits)
+    k = np.arange(_K)
+    widths = np.ldexp(_ROOTS[k % _OCTAVE], k // _OCTAVE - _K_UNIT // _OCTAVE)
+    edges = (np.arange(-r, r) + 0.5)[None, :] / widths[:, None]
+    cdf = np.concatenate([np.zeros((_K, 1)), _t_cdf(edges, _NUS[nu_index]), np.ones((_K, 1))], axis=1)
+    p = np.maximum(np.diff(cdf, axis=1), 0.0)
+    # Every code stays codable: the tails of a narrow law still get one count out of 2^16.
+    f = _quantize(np.maximum(p, 1e-300), _M)
+    f.setflags(write=False)
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _parametric_cost(bits: int, nu_index: int) -> np.ndarray:
+    c = -np.log2(_parametric_freq(bits, nu_index) / _M)
+    c.setflags(write=False)
+    return c
+
+
+# ---------------------------------------------------------------- byte helpers
+
+
+class _Reader:
+    """Bounds-checked cursor over a blob; every short read is an ArtifactError."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ArtifactError("rANS blob is truncated or damaged; re-create the artifact")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 35, 7):
+            b = self.u8()
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+        raise ArtifactError("rANS blob holds an over-long varint; the artifact is damaged")
+
+    def rest(self) -> memoryview:
+        return self.take(len(self.data) - self.pos)
+
+
+def _varints(values: np.ndarray) -> bytes:
+    out = bytearray()
+    for v in values.tolist():
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- interleaved rANS
+
+
+def _with_padding_class(freq: np.ndarray) -> np.ndarray:
+    """Append a class that gives symbol 0 all of 2^16: coding it leaves a lane state unchanged."""
+    pad = np.zeros((1, freq.shape[1]), np.int64)
+    pad[0, 0] = _M
+    return np.concatenate([freq.astype(np.int64), pad])
+
+
+def _rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> bytes:
+    """Encode symbols sym[e] with frequency row freq[cls[e]] (rows summing to 2^16)."""
+    n = sym.size
+    lanes = _lanes(n)
+    steps = -(-n // lanes)
+    freq = _with_padding_class(freq)
+    cum = np.cumsum(freq, axis=1) - freq
+    flat = np.full(steps * lanes, (freq.shape[0] - 1) * freq.shape[1], np.int64)
+    flat[:n] = cls * freq.shape[1] + sym
+    f = freq.ravel().astype(np.uint64)[flat].reshape(steps, lanes)
+    c = cum.ravel().astype(np.uint64)[flat].reshape(steps, lanes)
+    limit = f << np.uint64(16)
+    x = np.full(lanes, _LOW, np.uint64)
+    chunks = []
+    for t in range(steps - 1, -1, -1):
+        m = x >= limit[t]
+        if m.any():
+            chunks.append(x[m].astype(np.uint16))
+            x[m] >>= np.uint64(16)
+        d, r = np.divmod(x, f[t])
+        x = (d << np.uint64(_PROB_BITS)) + r + c[t]
+    words = np.concatenate(chunks)[::-1] if chunks else np.zeros(0, np.uint16)
+    return x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+
+
+def _rans_decode(data: memoryview, n: int, cls: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """Inverse of _rans_encode for `n` symbols; `data` must be exactly the encoded stream."""
+    lanes = _lanes(n)
+    steps = -(-n // lanes)
+    nbytes = len(data) - 4 * lanes
+    if nbytes < 0 or nbytes % 2:
+        raise ArtifactError("rANS stream has a wrong length; the artifact is truncated or damaged")
+    x = np.frombuffer(data, "<u4", lanes).astype(np.uint64)
+    words = np.frombuffer(data, "<u2", offset=4 * lanes).astype(np.uint64)
+    if (x < _LOW).any():
+        raise ArtifactError("rANS lane state out of range; the artifact is damaged")
+    freq = _with_padding_class(freq)
+    pad = freq.shape[0] - 1
+    used, pos = np.unique(np.concatenate([cls, [pad]]), return_inverse=True)
+    pos = pos[:-1]
+    sub = freq[used]
+    nsym = sub.shape[1]
+    lut = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(used)), sub.ravel())
+    pos_flat = np.full(steps * lanes, len(used) - 1, np.int64)
+    pos_flat[:n] = pos
+    pos_flat = pos_flat.reshape(steps, lanes)
+    lut_base = pos_flat * _M
+    sym_base = pos_flat * nsym
+    f_flat = sub.ravel().astype(np.uint64)
+    c_flat = (np.cumsum(sub, axis=1) - sub).ravel().astype(np.uint64)
+    out = np.empty((steps, lanes), np.int64)
+    mask16 = np.uint64(0xFFFF)
+    at, total = 0, words.size
+    for t in range(steps):
+        slot = x & mask16
+        s = lut[lut_base[t] + slot.astype(np.int64)]
+        i = sym_base[t] + s
+        x = f_flat[i] * (x >> np.uint64(16)) + slot - c_flat[i]
+        m = x < _LOW
+        k = int(np.count_nonzero(m))
+        if k:
+            if at + k > total:
+                raise ArtifactError("rANS stream ends early; the artifact is truncated or damaged")
+            x[m] = (x[m] << np.uint64(16)) | words[at:at + k][::-1]
+            at += k
+        out[t] = s
+    if at != total or (x != _LOW).any():
+        raise ArtifactError("rANS stream does not decode to its initial state; the artifact is damaged")
+    return out.ravel()[:n]
+
+
+# ---------------------------------------------------------------- stored order-0 tables
+
+
+def _table_bytes(counts: np.ndarray, prec: int) -> tuple[bytes, np.ndarray]:
+    """Serialize counts (over symbols 0..len-1) as a precision-`prec` table; return it and its 2^16 freqs."""
+    nzi = np.flatnonzero(counts)
+    lo, hi = int(nzi[0]), int(nzi[-1])
+    f = _quantize(counts[None, lo:hi + 1] / counts.sum(), 1 << prec)[0]
+    full = np.zeros(counts.size, np.int64)
+    full[lo:hi + 1] = f << (_PROB_BITS - prec)
+    return bytes([lo, hi - lo, prec]) + _varints(f), full
+
+
+def _read_table(r: _Reader, nsym: int) -> np.ndarray:
+    lo, span, prec = r.u8(), r.u8(), r.u8()
+    if lo + span >= nsym or not 1 <= prec <= _PROB_BITS:
+        raise ArtifactError("rANS frequency table out of range; the artifact is damaged")
+    f = np.array([r.varint() for _ in range(span + 1)], np.int64)
+    if f.sum() != 1 << prec:
+        raise ArtifactError("rANS frequency table does not sum to its precision; the artifact is damaged")
+    full = np.zeros(nsym, np.int64)
+    full[lo:lo + span + 1] = f << (_PROB_BITS - prec)
+    return full
+
+
+def _encode_values(v: np.ndarray) -> bytes:
+    """Side information (bytes 0..255) as an order-0 table plus a length-prefixed stream."""
+    table, freq = _table_bytes(np.bincount(v, minlength=256), _SIDE_PREC)
+    stream = _rans_encode(v, np.zeros(v.size, np.int64), freq[None])
+    return table + _varints(np.array([len(stream)])) + stream
+
+
+def _decode_values(r: _Reader, n: int) -> np.ndarray:
+    freq = _read_table(r, 256)
+    stream = r.take(r.varint())
+    return _rans_decode(stream, n, np.zeros(n, np.int64), freq[None])
+
+
+# ---------------------------------------------------------------- model choice
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One candidate model: header + side bytes, symbols, per-element class, frequency table, ideal coded bits."""
+
+    prefix: bytes
+    sym: np.ndarray
+    cls: np.ndarray
+    freq: np.ndarray
+    bits: float
+
+    @property
+    def estimated_bytes(self) -> float:
+        # 4 flush bytes per lane, plus the loss of 16-bit probabilities on 32-bit states (measured).
+        n = self.sym.size
+        return len(self.prefix) + 4 * _lanes(n) + self.bits / 8 + _RANS_LOSS * n * min(self.bits / n, 2.0)
+
+    def encode(self) -> bytes:
+        return self.prefix + _rans_encode(self.sym, self.cls, self.freq)
+
+
+def _log_means(absq: np.ndarray, spread: np.ndarray, rows: bool, cols: bool) -> tuple[np.ndarray, np.ndarray]:
+    """log2 factors of E|q_ij| ~ 2^(a_i + b_j) * spread_ij (alternating moment fit; -inf for all-zero lines)."""
+    a_sum, b_sum = absq.sum(axis=1), absq.sum(axis=0)
+    la = np.zeros(absq.shape[0])
+    lb = np.zeros(absq.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(3 if rows and cols else 1):
+            if rows:
+                la = np.log2(a_sum / (spread @ np.exp2(lb)))
+            if cols:
+                lb = np.log2(b_sum / (np.exp2(la) @ spread))
+    return la, lb
+
+
+def _to_bytes(logw: np.ndarray) -> np.ndarray:
+    """log2 factors -> integers in [0, 255] (1/8 octave); all-zero lines take the narrowest value."""
+    finite = np.isfinite(logw)
+    if not finite.any():
+        return np.zeros(logw.size, np.int64)
+    k = np.where(finite, np.round(logw * _OCTAVE), -np.inf)
+    top = k[finite].max()
+    k = np.clip(k, top - 255, top)
+    return (k - k.min()).astype(np.int64)
+
+
+def _joint(k0: np.ndarray, sym: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram hist[v, s] of (k0 = v + k0.min(), symbol) pairs, and the k0 value of each hist row."""
+    lo = int(k0.min())
+    hist = np.bincount((k0 - lo) * nsym + sym).astype(np.float64)
+    hist = np.pad(hist, (0, -hist.size % nsym)).reshape(-1, nsym)
+    return hist, np.arange(lo, lo + hist.shape[0])
+
+
+def _cost_of(hist: np.ndarray, k0v: np.ndarray, shift: int, cost: np.ndarray) -> float:
+    return float((hist * cost[np.clip(k0v + shift, 0, _K - 1)]).sum())
+
+
+def _search(hist: np.ndarray, k0v: np.ndarray, bits: int, shifts: range, nus: range) -> tuple[float, int, int]:
+    """(coded bits, nu index, shift) minimizing the cost of the joint histogram."""
+    return min((_cost_of(hist, k0v, s, _parametric_cost(bits, nu_i)), nu_i, s) for nu_i in nus for s in shifts)
+
+
+def _refine(sym: np.ndarray, a: np.ndarray, offset: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Move each row byte a_i by up to +-2 classes where that lowers the row's coded bits.
+
+    sym is [R, C]; the class of element ij is a_i + offset_ij."""
+    reach = max(abs(d) for d in _REFINE)
+    nsym = cost.shape[1]
+    # Edge rows repeated `reach` times, so that k + d never needs a clip inside the loop.
+    padded = np.concatenate([cost[:1]] * reach + [cost] + [cost[-1:]] * reach).astype(np.float32).ravel()
+    base = (np.clip(a[:, None] + offset, 0, _K - 1) + reach) * nsym + sym
+    best = np.zeros(a.size, np.int64)
+    best_bits = padded[base].sum(axis=1)
+    for d in _REFINE:
+        row_bits = padded[base + d * nsym].sum(axis=1)
+        better = row_bits < best_bits
+        best[better] = d
+        best_bits[better] = row_bits[better]
+    return np.clip(a + best, 0, 255)
+
+
+def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool, extra: np.ndarray) -> _Plan:
+    """t-law model with optional row and column bytes; `extra` [R, C] adds fixed known classes."""
+    absq = np.abs(sym - _qmax(bits)).astype(np.float64)
+    la, lb = _log_means(absq, np.exp2(extra / _OCTAVE), rows, cols)
+    a = _to_bytes(la) if rows else np.zeros(sym.shape[0], np.int64)
+    b = _to_bytes(lb) if cols else np.zeros(sym.shape[1], np.int64)
+    nsym = 2 * _qmax(bits) + 1
+    k0 = a[:, None] + b[None, :] + extra
+    mean = absq.mean()
+    typical = np.log2(mean) * _OCTAVE if mean > 0 else -_K_UNIT
+    centre = int(round(typical)) + _K_UNIT - int(np.median(k0))
+    hist, k0v = _joint(k0.ravel(), sym.ravel(), nsym)
+    _, _, s0 = _search(hist, k0v, bits, range(centre - 32, centre + 33, 2), range(_NUS.index(8), _NUS.index(8) + 1))
+    _, nu_i, shift = _search(hist, k0v, bits, range(s0 - 3, s0 + 4), range(len(_NUS)))
+    if rows or cols:
+        cost = _parametric_cost(bits, nu_i)
+        for _ in range(2):
+            if rows:
+                a = _refine(sym, a, b[None, :] + extra + shift, cost)
+            if cols:
+                b = _refine(sym.T, b, (a[:, None] + extra + shift).T, cost)
+        shift += int(a.min()) + int(b.min())
+        a, b = a - a.min(), b - b.min()
+        k0 = a[:, None] + b[None, :] + extra
+        hist, k0v = _joint(k0.ravel(), sym.ravel(), nsym)
+        _, nu_i, shift = _search(hist, k0v, bits, range(shift - 2, shift + 3), range(len(_NUS)))
+    coded, _, _ = _search(hist, k0v, bits, range(shift, shift + 1), range(nu_i, nu_i + 1))
+    prefix = bytes([VERSION, _KIND_PARAMETRIC, rows | cols << 1, nu_i]) + int(shift).to_bytes(2, "little", signed=True)
+    if rows:
+        prefix += _encode_values(a)
+    if cols:
+        prefix += _encode_values(b)
+    return _Plan(prefix, sym.ravel(), np.clip(k0.ravel() + shift, 0, _K - 1), _parametric_freq(bits, nu_i), coded)
+
+
+def _order0_plan(sym: np.ndarray, bits: int) -> _Plan:
+    counts = np.bincount(sym.ravel(), minlength=2 * _qmax(bits) + 1)
+    plans = []
+    for prec in (12, 14, 16):
+        table, freq = _table_bytes(counts, prec)
+        with np.errstate(divide="ignore"):
+            coded = float((counts * -np.log2(np.where(freq > 0, freq, 1) / _M)).sum())
+        plans.append(_Plan(bytes([VERSION, _KIND_ORDER0]) + table, sym.ravel(), np.zeros(sym.size, np.int64),
+                           freq[None], coded))
+    return min(plans, key=lambda p: p.estimated_bytes)
+
+
+def _best_plan(q: np.ndarray, bits: int, extra: np.ndarray) -> _Plan:
+    """Smallest of: stored order-0 table, t-law with no / row / column / row+column widths."""
+    sym = q.astype(np.int64) + _qmax(bits)
+    plans = [_order0_plan(sym, bits)]
+    plans += [_parametric_plan(sym, bits, rows, cols, extra) for rows in (False, True) for cols in (False, True)]
+    return min(plans, key=lambda p: p.estimated_bytes)
+
+
+def _decode_plain(r: _Reader, rows: int, cols: int, bits: int, extra: np.ndarray) -> np.ndarray:
+    """Decode the rest of `r` (an order-0 or parametric blob after its version byte) into [rows, cols] codes."""
+    kind = r.u8()
+    n = rows * cols
+    qm = _qmax(bits)
+    if kind == _KIND_PARAMETRIC:
+        flags, nu_i = r.u8(), r.u8()
+        if flags > 3 or nu_i >= len(_NUS):
+            raise ArtifactError("rANS model header out of range; the artifact is damaged")
+        shift = int.from_bytes(r.take(2), "little", signed=True)
+        a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int64)
+        b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int64)
+        cls = np.clip((a[:, None] + b[None, :] + extra).ravel() + shift, 0, _K - 1)
+        sym = _rans_decode(r.rest(), n, cls, _parametric_freq(bits, nu_i))
+    elif kind == _KIND_ORDER0:
+        freq = _read_table(r, 2 * qm + 1)
+        sym = _rans_decode(r.rest(), n, np.zeros(n, np.int64), freq[None])
+    else:
+        raise ArtifactError(f"rANS blob kind {kind} is unknown or misplaced; the artifact is damaged")
+    return (sym - qm).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------- near-duplicate rows
+
+
+def _row_entropy_bits(sym: np.ndarray, nsym: int) -> np.ndarray:
+    """count x H(row) for each row of a symbol matrix."""
+    rows, cols = sym.shape
+    hist = np.bincount((sym + nsym * np.arange(rows)[:, None]).ravel(), minlength=rows * nsym).reshape(rows, nsym)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(hist > 0, hist * np.log2(cols / hist), 0.0).sum(axis=1)
+
+
+def _wrap(d: np.ndarray, r: int) -> np.ndarray:
+    """Map an integer into [-r, r] modulo 2r+1 (the residual of two close codes stays small)."""
+    return (d + r) % (2 * r + 1) - r
+
+
+@functools.lru_cache(maxsize=None)
+def _magnitude_classes(bits: int) -> np.ndarray:
+    """floor(8 log2(m + 1)) for m = 0..qmax, by exact comparisons with 2^(k/8) (no libm)."""
+    k = np.arange(8 * bits + 8)
+    steps = np.ldexp(_ROOTS[k % _OCTAVE], k // _OCTAVE)
+    return (steps[None, :] <= np.arange(1, _qmax(bits) + 2)[:, None]).sum(axis=1) - 1
+
+
+def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
+    """For each row, a root row to predict it from (-1: none); roots never have a reference themselves.
+
+    Trained embeddings hold many near-identical rows (rarely seen tokens); an LZ coder finds them, a width
+    model does not. Candidates are the neighbours in the order of a random projection of the rows; a row
+    takes one when its residual's row entropy beats its own by more than the cost of the reference.
+    """
+    rows = q.shape[0]
+    ref = np.full(rows, -1, np.int64)
+    if rows < 2:
+        return ref
+    r = _qmax(bits)
+    x = q.astype(np.int64)
+    probe = np.random.default_rng(0).choice(np.array([-1, 1], np.int64), q.shape[1])
+    order = np.argsort(x @ probe, kind="stable")
+    best_l1 = np.full(rows, np.iinfo(np.int64).max)
+    best = np.zeros(rows, np.int64)
+    for o in (-3, -2, -1, 1, 2, 3):
+        cand = np.empty(rows, np.int64)
+        cand[order] = order[np.clip(np.arange(rows) + o, 0, rows - 1)]
+        l1 = np.abs(x - x[cand]).sum(axis=1)
+        ok = (cand != np.arange(rows)) & (cand < 1 << 16) & (l1 < best_l1)
+        best = np.where(ok, cand, best)
+        best_l1 = np.where(ok, l1, best_l1)
+    nsym = 2 * r + 1
+    gain = _row_entropy_bits(x + r, nsym) - _row_entropy_bits(_wrap(x - x[best], r) + r, nsym)
+    use = (best_l1 < np.iinfo(np.int64).max) & (gain > 32)
+    # Greedy by gain; a row that serves as a root keeps its own codes, and a candidate that is itself
+    # predicted is replaced by its root, so that every reference points at a root.
+    referenced = np.zeros(rows, bool)
+    for i in np.flatnonzero(use)[np.argsort(-gain[use], kind="stable")]:
+        if referenced[i]:
+            continue
+        root = best[i] if ref[best[i]] < 0 else ref[best[i]]
+        if root != i:
+            ref[i] = root
+            referenced[root] = True
+    return ref
+
+
+def _encode_refs(ref: np.ndarray) -> bytes:
+    """A 0/1 flag per row, then the root index of flagged rows as low and high bytes."""
+    d = ref[ref >= 0]
+    return _encode_values((ref >= 0).astype(np.int64)) + _encode_values(d & 255) + _encode_values(d >> 8)
+
+
+def _decode_refs(r: _Reader, rows: int) -> np.ndarray:
+    has = _decode_values(r, rows).astype(bool)
+    k = int(has.sum())
+    if not 0 < k < rows:
+        raise ArtifactError("rANS row references are malformed; the artifact is damaged")
+    ref = np.full(rows, -1, np.int64)
+    ref[has] = _decode_values(r, k) + (_decode_values(r, k) << 8)
+    if (ref >= rows).any() or (ref[np.maximum(ref, 0)] >= 0)[has].any():
+        raise ArtifactError("rANS row reference points outside the tensor or at a predicted row; damaged artifact")
+    return ref
+
+
+def _split_parts(q: np.ndarray, bits: int, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Root rows, residual rows, and the residual rows' extra classes (from their root's code magnitude)."""
+    r = _qmax(bits)
+    has = ref >= 0
+    root_codes = q[ref[has]].astype(np.int64)
+    resid = _wrap(q[has].astype(np.int64) - root_codes, r).astype(np.int8)
+    return q[~has], resid, _magnitude_classes(bits)[np.abs(root_codes)]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _as_matrix(codes, bits: int) -> np.ndarray:
+    """Validated int8 codes viewed as [-1, last dim] (a 0-D or 1-D array is one row)."""
+    q = np.asarray(codes)
+    if q.dtype != np.int8:
+        raise OptionError(f"codes must be int8, got {q.dtype}; cast the quantized codes to int8")
+    r = _qmax(bits)
+    if q.size and (int(q.min()) < -r or int(q.max()) > r):
+        raise OptionError(f"codes lie outside [-{r}, {r}] for bits={bits}; quantize with this width first")
+    return q.reshape(-1, q.shape[-1] if q.ndim else 1) if q.size else q.reshape(0, 0)
+
+
+def _candidates(q: np.ndarray, bits: int) -> list[tuple[float, object]]:
+    """(estimated bytes, payload) for the plain plan and, where rows repeat, the root/residual split."""
+    plain = _best_plan(q, bits, np.zeros(q.shape, np.int64))
+    out: list[tuple[float, object]] = [(plain.estimated_bytes, plain)]
+    ref = _row_refs(q, bits)
+    if (ref >= 0).any():
+        roots, resid, extra = _split_parts(q, bits, ref)
+        head = bytes([VERSION, _KIND_SPLIT]) + _encode_refs(ref)
+        p_roots = _best_plan(roots, bits, np.zeros(roots.shape, np.int64))
+        p_resid = _best_plan(resid, bits, extra)
+        est = len(head) + 4 + p_roots.estimated_bytes + p_resid.estimated_bytes
+        out.append((est, (head, p_roots, p_resid)))
+    return out
+
+
+def encode_codes(codes, bits: int) -> bytes:
+    """Entropy-code int8 codes in [-qmax(bits), qmax(bits)] (any shape; viewed as [-1, last dim])."""
+    bits = _check_bits(bits, OptionError)
+    q = _as_matrix(codes, bits)
+    if q.size == 0:
+        return bytes([VERSION, _KIND_EMPTY])
+    _, best = min(_candidates(q, bits), key=lambda c: c[0])
+    if isinstance(best, _Plan):
+        return best.encode()
+    head, p_roots, p_resid = best
+    roots_blob = p_roots.encode()
+    return head + _varints(np.array([len(roots_blob)])) + roots_blob + p_resid.encode()
+
+
+def estimate_encoded_bytes(codes, bits: int) -> float:
+    """Size of encode_codes(codes, bits) without running the coder (within ~0.3%; search loops use it)."""
+    bits = _check_bits(bits, OptionError)
+    q = _as_matrix(codes, bits)
+    return 2.0 if q.size == 0 else min(c[0] for c in _candidates(q, bits))
+
+
+def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
+    """Inverse of encode_codes: int8 codes of `shape`; a damaged blob raises ArtifactError."""
+    bits = _check_bits(bits, ArtifactError)
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ArtifactError(f"rANS decode got a negative shape {shape}; the manifest is damaged")
+    n = int(np.prod(shape, dtype=np.int64))
+    cols = shape[-1] if shape and n else 1
+    rows = n // cols
+    r = _Reader(blob)
+    if r.u8() != VERSION:
+        raise ArtifactError("rANS blob has an unknown version; re-create the artifact with this golfquant")
+    if n == 0:
+        if r.u8() != _KIND_EMPTY or r.pos != len(r.data):
+            raise ArtifactError(f"rANS blob does not hold an empty tensor of shape {shape}; the artifact is damaged")
+        return np.zeros(shape, np.int8)
+    if r.data[r.pos:r.pos + 1] != bytes([_KIND_SPLIT]):
+        q = _decode_plain(r, rows, cols, bits, np.zeros((rows, cols), np.int64))
+        return q.astype(np.int8).reshape(shape)
+    r.u8()
+    ref = _decode_refs(r, rows)
+    has = ref >= 0
+    sub = _Reader(r.take(r.varint()))
+    if sub.u8() != VERSION:
+        raise ArtifactError("rANS root-row blob has an unknown version; the artifact is damaged")
+    q = np.empty((rows, cols), np.int64)
+    nroots = rows - int(has.sum())
+    q[~has] = _decode_plain(sub, nroots, cols, bits, np.zeros((nroots, cols), np.int64))
+    if r.u8() != VERSION:
+        raise ArtifactError("rANS residual blob has an unknown version; the artifact is damaged")
+    root_codes = q[ref[has]]
+    extra = _magnitude_classes(bits)[np.abs(root_codes)]
+    resid = _decode_plain(r, int(has.sum()), cols, bits, extra)
+    q[has] = _wrap(resid + root_codes, _qmax(bits))
+    return q.astype(np.int8).reshape(shape)

@@ -1,0 +1,340 @@
+import json
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from golfquant.artifact import (MAGIC, artifact_sizes, load_artifact, read_artifact, write_artifact)
+from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, register_codes_codec
+from golfquant.errors import ArtifactError, OptionError
+from golfquant.pack import layouts_for, pack_codes
+from golfquant.plan import PlanOptions, make_plan
+from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor
+from golfquant.quant.rtn import quantize_rtn
+
+
+def state_dict():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05  # noqa: E731
+    return {
+        "tok_emb.weight": r(48, 32).bfloat16(),
+        "skip_weights": r(2, 32),
+        "blocks.0.attn_scale": torch.ones(32),
+        "blocks.0.attn.c_q.weight": r(32, 32),
+        "blocks.0.mlp.fc.weight": r(64, 32),
+        "blocks.0.mlp.proj.weight": r(4, 8),
+        "qo_bank": r(2, 16, 32),
+        "bigram.proj.weight": r(32, 32),
+        "big_vector": r(300),
+        "steps": torch.tensor([7, 8], dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+PLAN_OPTS = PlanOptions(mlp="int5", attn="int6", embed="int8", other="int3", float_max_numel=100,
+                        rules=[("big_vector", "bf16")])
+
+
+def quantize(sd, plan):
+    out = {n: quantize_rtn(sd[n], p.bits) if p.bits else sd[n] for n, p in plan.items()}
+    # one LQER-corrected tensor, with factors built by hand
+    g = torch.Generator().manual_seed(1)
+    out["blocks.0.attn.c_q.weight"].lqer = LowRankFactors(
+        a_codes=torch.randint(-1, 2, (32, 2), generator=g, dtype=torch.int8), a_scale=torch.tensor(0.01).half(),
+        a_bits=2, b_codes=torch.randint(-7, 8, (2, 32), generator=g, dtype=torch.int8),
+        b_scales=(torch.rand(2, generator=g) * 0.01).half(), b_bits=4, group=48)
+    return out
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    sd = state_dict()
+    plan = make_plan(sd, PLAN_OPTS)
+    tensors = quantize(sd, plan)
+    path = tmp_path_factory.mktemp("art") / "model.gqa"
+    info = write_artifact(path, tensors, plan, {"method": "rtn", "damp": {"x": 0.01}})
+    return sd, plan, tensors, path, info
+
+
+def test_round_trip_is_bit_exact(written):
+    sd, plan, tensors, path, _ = written
+    art = read_artifact(path)
+    assert list(art.tensors) == list(tensors)
+    assert art.manifest["meta"] == {"method": "rtn", "damp": {"x": 0.01}}
+    for name, value in tensors.items():
+        back = art.tensors[name]
+        if isinstance(value, QuantizedTensor):
+            assert back.bits == value.bits
+            assert torch.equal(back.codes, value.codes) and torch.equal(back.scales, value.scales)
+        else:
+            assert back.dtype == {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}.get(
+                plan[name].scheme, value.dtype)
+            assert torch.equal(back, value.to(back.dtype))
+    lq, back = tensors["blocks.0.attn.c_q.weight"].lqer, art.tensors["blocks.0.attn.c_q.weight"].lqer
+    for field in ("a_codes", "a_scale", "b_codes", "b_scales"):
+        assert torch.equal(getattr(lq, field), getattr(back, field))
+    assert (back.a_bits, back.b_bits, back.group) == (2, 4, 48)
+
+
+def test_passthrough_dtypes(written):
+    sd, plan, _, path, _ = written
+    stored = read_artifact(path).tensors
+    assert stored["skip_weights"].dtype == torch.float32  # control: fp32
+    assert stored["blocks.0.mlp.proj.weight"].dtype == torch.float16  # small: fp16
+    assert stored["big_vector"].dtype == torch.bfloat16  # the plan says bf16
+    assert stored["steps"].dtype == torch.int64 and stored["mask"].dtype == torch.bool
+    loaded = load_artifact(path)
+    for name, t in sd.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape, name
+    assert torch.equal(loaded["skip_weights"], sd["skip_weights"])
+    assert torch.equal(loaded["mask"], sd["mask"]) and torch.equal(loaded["steps"], sd["steps"])
+    as_bf16 = load_artifact(path, dtype=torch.bfloat16)
+    assert as_bf16["blocks.0.mlp.fc.weight"].dtype == torch.bfloat16 and as_bf16["steps"].dtype == torch.int64
+
+
+def test_load_dequantizes_and_keeps_banks(written):
+    _, _, tensors, path, _ = written
+    loaded = load_artifact(path)
+    for name in ("blocks.0.attn.c_q.weight", "qo_bank", "tok_emb.weight"):
+        assert torch.equal(loaded[name], tensors[name].dequantize(loaded[name].dtype)), name
+    assert loaded["qo_bank"].shape == (2, 16, 32)
+    raw = load_artifact(path, dequantize=False)
+    assert isinstance(raw["qo_bank"], QuantizedTensor) and raw["qo_bank"].scales.shape == (2, 16)
+    assert torch.equal(raw["qo_bank"].codes, tensors["qo_bank"].codes)
+    assert raw["big_vector"].dtype == torch.float32  # passthrough back in its original dtype
+
+
+def test_deterministic(written, tmp_path):
+    _, plan, tensors, path, _ = written
+    write_artifact(tmp_path / "again.gqa", tensors, plan, {"method": "rtn", "damp": {"x": 0.01}})
+    assert (tmp_path / "again.gqa").read_bytes() == path.read_bytes()
+
+
+def test_codec_selection_keeps_the_smallest(written):
+    _, _, tensors, path, info = written
+    by_name = {s.name: s for s in info.sections}
+    for name in ("blocks.0.mlp.fc.weight", "qo_bank", "tok_emb.weight"):
+        qt = tensors[name]
+        sizes = [len(compress(pack_codes(qt.codes, qt.bits, layout), codec))
+                 for layout in layouts_for(qt.bits, qt.codes.dim()) for codec in BYTE_CODECS]
+        sizes += [len(c.encode(qt.codes.numpy(), qt.bits)) for c in CODES_CODECS.values()]
+        assert by_name[f"codes:{name}"].length == min(sizes)
+
+
+def test_codec_and_layout_restriction(written, tmp_path):
+    _, plan, tensors, _, _ = written
+    info = write_artifact(tmp_path / "z.gqa", tensors, plan, {}, codecs=["zlib"], layouts=["int8"])
+    assert {s.codec for s in info.sections} == {"zlib"}
+    assert {s.layout for s in info.sections if s.kind == "codes"} == {"int8"}
+    with pytest.raises(OptionError, match="unknown codec"):
+        write_artifact(tmp_path / "bad.gqa", tensors, plan, {}, codecs=["lz4"])
+    with pytest.raises(OptionError, match="unknown layout"):
+        write_artifact(tmp_path / "bad.gqa", tensors, plan, {}, layouts=["int4"])
+    assert not (tmp_path / "bad.gqa").exists()
+
+
+class ZerosCodec:
+    """A codes codec that stores an all-zero tensor in 0 bytes (and anything else as plain int8)."""
+
+    def encode(self, codes, bits):
+        return b"" if not codes.any() else b"\1" + codes.tobytes()
+
+    def decode(self, blob, shape, bits):
+        if blob == b"":
+            return np.zeros(shape, dtype=np.int8)
+        if len(blob) != 1 + int(np.prod(shape)):
+            raise ArtifactError("zeros codec: wrong length")
+        return np.frombuffer(blob[1:], dtype=np.int8).reshape(shape).copy()
+
+
+def test_codes_codec_competes_with_byte_codecs(tmp_path):
+    register_codes_codec("test-zeros", ZerosCodec())
+    try:
+        tensors = {"a.weight": QuantizedTensor(torch.zeros(8, 16, dtype=torch.int8), torch.ones(8).half(), 4),
+                   "b.weight": quantize_rtn(torch.randn(8, 16), 4)}
+        info = write_artifact(tmp_path / "c.gqa", tensors, None, {})
+        sections = {s.name: s for s in info.sections}
+        assert (sections["codes:a.weight"].codec, sections["codes:a.weight"].layout) == ("test-zeros", None)
+        assert sections["codes:b.weight"].codec != "test-zeros"
+        back = read_artifact(tmp_path / "c.gqa").tensors
+        assert torch.equal(back["a.weight"].codes, tensors["a.weight"].codes)
+    finally:
+        CODES_CODECS.pop("test-zeros")
+    with pytest.raises(ArtifactError, match="unknown value 'test-zeros'"):  # a reader without that codec
+        read_artifact(tmp_path / "c.gqa")
+
+
+def test_roles_or_no_plan(tmp_path):
+    tensors = {"blocks.0.mlp.fc.weight": quantize_rtn(torch.randn(4, 8), 6), "x": torch.randn(3).half()}
+    write_artifact(tmp_path / "r.gqa", tensors, {"blocks.0.mlp.fc.weight": "mlp", "x": "other"}, {})
+    entries = {t["name"]: t for t in read_artifact(tmp_path / "r.gqa").manifest["tensors"]}
+    assert (entries["blocks.0.mlp.fc.weight"]["role"], entries["blocks.0.mlp.fc.weight"]["scheme"]) == ("mlp", "int6")
+    assert (entries["x"]["scheme"], entries["x"]["dtype"]) == ("fp16", "float16")
+    write_artifact(tmp_path / "n.gqa", tensors, None, {})
+    assert read_artifact(tmp_path / "n.gqa").manifest["tensors"][0]["role"] == "mlp"
+    write_artifact(tmp_path / "e.gqa", {}, None, {})
+    assert read_artifact(tmp_path / "e.gqa").tensors == {}
+
+
+def test_writer_rejects_inconsistent_input(written, tmp_path):
+    _, plan, tensors, _, _ = written
+    wrong = dict(tensors, **{"qo_bank": torch.zeros(2, 16, 32)})
+    with pytest.raises(ValueError, match="float tensor but its plan scheme is int6"):
+        write_artifact(tmp_path / "w.gqa", wrong, plan, {})
+    with pytest.raises(ValueError, match="no entry"):
+        write_artifact(tmp_path / "w.gqa", dict(tensors, extra=torch.zeros(1)), plan, {})
+    with pytest.raises(OptionError, match="JSON"):
+        write_artifact(tmp_path / "w.gqa", tensors, plan, {"bad": float("nan")})
+    assert not (tmp_path / "w.gqa").exists()
+
+
+def test_size_report_accounts_for_every_byte(written):
+    _, _, tensors, path, info = written
+    report = artifact_sizes(path)
+    assert report == info
+    size = path.stat().st_size
+    assert report.total_bytes == size
+    assert report.header_bytes + report.manifest_bytes + report.unattributed_bytes \
+        + sum(t.total for t in report.tensors) == size
+    assert report.unattributed_bytes == 0
+    by_section = {s.name: s for s in report.sections}
+    rows = {t.name: t for t in report.tensors}
+    assert rows["qo_bank"].codes_bytes == by_section["codes:qo_bank"].length
+    assert sum(t.scales_bytes for t in report.tensors) + rows["blocks.0.attn.c_q.weight"].lqer_bytes \
+        - by_section["lqer.a:blocks.0.attn.c_q.weight"].length - by_section["lqer.b:blocks.0.attn.c_q.weight"].length \
+        == by_section["scales"].length
+    assert sum(t.data_bytes for t in report.tensors) == sum(s.length for s in report.sections if s.kind == "data")
+    assert rows["steps"].numel == 2 and rows["tok_emb.weight"].bits_per_weight > 0
+
+
+# ------------------------------------------------------------------------------------------- untrusted input
+
+
+def split(blob):
+    """(manifest dict, section region) of an artifact, parsed as docs/artifact.md describes."""
+    n = blob[6]
+    codec = blob[7 : 7 + n].decode()
+    m_len, m_raw, _ = struct.unpack_from("<III", blob, 7 + n)
+    start = 19 + n
+    manifest = json.loads(decompress(blob[start : start + m_len], codec, m_raw))
+    return manifest, blob[start + m_len :]
+
+
+def join(manifest, region):
+    raw = json.dumps(manifest).encode()
+    m = zlib.compress(raw)
+    head = MAGIC + struct.pack("<HB", 1, 4) + b"zlib" + struct.pack("<III", len(m), len(raw), zlib.crc32(m))
+    return head + m + region
+
+
+def expect_artifact_error(tmp_path, blob):
+    path = tmp_path / "fuzz.gqa"
+    path.write_bytes(blob)
+    try:
+        read_artifact(path)
+    except ArtifactError:
+        return True
+    return False
+
+
+def test_rebuilt_container_is_accepted(written, tmp_path):
+    _, _, _, path, _ = written
+    manifest, region = split(path.read_bytes())
+    assert not expect_artifact_error(tmp_path, join(manifest, region))  # the test's encoder matches the format
+
+
+def test_damaged_files_raise_only_artifact_error(written, tmp_path):
+    _, _, _, path, _ = written
+    blob = path.read_bytes()
+    rng = random.Random(0)
+    cases = [blob[:cut] for cut in sorted(rng.sample(range(len(blob)), 150))]
+    for pos in rng.sample(range(len(blob)), 200):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        cases.append(bytes(flipped))
+    cases += [blob + bytes(rng.randrange(256) for _ in range(k)) for k in (1, 2, 7, 100)]
+    cases += [b"", MAGIC, b"\0" + blob, blob.replace(MAGIC, b"GQA2", 1)]
+    for i, case in enumerate(cases):
+        assert expect_artifact_error(tmp_path, case), f"case {i} was accepted"
+
+
+def test_forged_manifests_raise_only_artifact_error(written, tmp_path):
+    """Mutate manifest fields (with valid checksums around them): only ArtifactError may come out."""
+    _, _, _, path, _ = written
+    manifest, region = split(path.read_bytes())
+    values = [None, True, -1, 0, 1, 7, 2**31, 2**62, 1.5, "", "x", "int8", "lzma", "codes", [], [1 << 40, 1 << 40],
+              {}, {"section": 0, "offset": 0}]
+    paths = []
+
+    def walk(node, trail):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, child in items:
+            paths.append(trail + [key])
+            walk(child, trail + [key])
+
+    walk({k: v for k, v in manifest.items() if k != "meta"}, [])
+    rng = random.Random(1)
+    accepted = 0
+    for _ in range(300):
+        forged = json.loads(json.dumps(manifest))
+        trail = rng.choice(paths)
+        node = forged
+        for key in trail[:-1]:
+            node = node[key]
+        if rng.random() < 0.1 and isinstance(node, dict):
+            del node[trail[-1]]
+        else:
+            node[trail[-1]] = rng.choice(values)
+        accepted += not expect_artifact_error(tmp_path, join(forged, region))
+    assert accepted < 30  # a few mutations are harmless (e.g. a section renamed); nothing else may escape
+
+
+def test_targeted_forgeries(written, tmp_path):
+    _, _, _, path, _ = written
+    manifest, region = split(path.read_bytes())
+    codes_index = next(i for i, s in enumerate(manifest["sections"]) if s["name"] == "codes:qo_bank")
+
+    def forge(change):
+        forged = json.loads(json.dumps(manifest))
+        change(forged)
+        return forged
+
+    def tensor(m, name):
+        return next(t for t in m["tensors"] if t["name"] == name)
+
+    def replace_section(index, payload, raw_length, codec="zlib"):
+        m = forge(lambda m: None)
+        old = m["sections"][index]
+        new_region = region[: old["offset"]] + payload + region[old["offset"] + old["length"] :]
+        delta = len(payload) - old["length"]
+        old.update(length=len(payload), crc32=zlib.crc32(payload), raw_length=raw_length, codec=codec, layout="int8")
+        for s in m["sections"][index + 1 :]:
+            s["offset"] += delta
+        return m, new_region
+
+    cases = {
+        "shape": (forge(lambda m: tensor(m, "qo_bank").update(shape=[2, 16, 33])), region),
+        "huge shape": (forge(lambda m: tensor(m, "qo_bank").update(shape=[1 << 27, 1 << 27])), region),
+        "bits": (forge(lambda m: tensor(m, "qo_bank").update(bits=9)), region),
+        "bool bits": (forge(lambda m: tensor(m, "steps").update(bits=True)), region),
+        "dtype": (forge(lambda m: tensor(m, "qo_bank").update(dtype="complex64")), region),
+        "stored dtype": (forge(lambda m: tensor(m, "skip_weights")["data"].update(dtype="float16")), region),
+        "duplicate": (forge(lambda m: m["tensors"].append(m["tensors"][0])), region),
+        "layout": (forge(lambda m: m["sections"][codes_index].update(layout="nibble")), region),
+        "codec": (forge(lambda m: m["sections"][codes_index].update(codec="lz4")), region),
+        "crc": (forge(lambda m: m["sections"][codes_index].update(crc32=0)), region),
+        "raw_length": (forge(lambda m: m["sections"][-1].update(raw_length=1 << 31)), region),
+        "extra key": (forge(lambda m: m.update(extra=1)), region),
+        "meta": (forge(lambda m: m.update(meta=[])), region),
+        "bomb": replace_section(codes_index, zlib.compress(bytes(1 << 22)), 1024),
+        "out of range codes": replace_section(codes_index, zlib.compress(bytes([0x80]) * 1024), 1024),
+    }
+    for what, (m, reg) in cases.items():
+        assert expect_artifact_error(tmp_path, join(m, reg)), what
+    assert expect_artifact_error(tmp_path, join(manifest, region[:-1]))
+    assert expect_artifact_error(tmp_path, join(manifest, region + b"\0"))
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        read_artifact(tmp_path / "missing.gqa")
