@@ -62,11 +62,17 @@ class TensorSize:
     role: str
     scheme: str
     bits: int | None
-    numel: int
+    shape: tuple[int, ...]
+    codec: str  # of the tensor's own codes section, or of the shared float section it sits in
+    layout: str | None
     codes_bytes: int = 0
     scales_bytes: int = 0
     data_bytes: int = 0
     lqer_bytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def total(self) -> int:
@@ -634,7 +640,11 @@ def _apportion(total: int, weights: list[int]) -> list[int]:
 
 def _size_report(path: Path, m: dict, header_bytes: int, manifest_bytes: int, manifest_codec: str) -> ArtifactInfo:
     sections = m["sections"]
-    rows = [TensorSize(t["name"], t["role"], t["scheme"], t["bits"], math.prod(t["shape"])) for t in m["tensors"]]
+    rows = []
+    for t in m["tensors"]:
+        own = sections[t["codes"] if t["kind"] == "quant" else t["data"]["section"]]
+        rows.append(TensorSize(t["name"], t["role"], t["scheme"], t["bits"], tuple(t["shape"]), own["codec"],
+                               own["layout"]))
     # per section: (row index, field, raw bytes) of every part that references it
     parts: dict[int, list[tuple[int, str, int]]] = {i: [] for i in range(len(sections))}
     for i, t in enumerate(m["tensors"]):

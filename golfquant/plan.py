@@ -13,7 +13,6 @@ import torch
 
 from golfquant.errors import OptionError
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS
-from golfquant.quant.clip import parse_clip
 
 ROLES = ("control", "embed", "attn", "mlp", "other")
 
@@ -95,7 +94,6 @@ class PlanOptions:
     other: str = "int8"
     rules: list[tuple[str, str]] = field(default_factory=list)  # (regex, scheme), searched with re.search
     float_max_numel: int = 65536  # float tensors this small stay fp16 (the challenge's convention)
-    clip: str = "amax"  # a clip spec, see golfquant.quant.clip.parse_clip
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,6 @@ class TensorPlan:
 def make_plan(state_dict: Mapping[str, torch.Tensor], options: PlanOptions) -> dict[str, TensorPlan]:
     role_schemes = {r: parse_scheme(getattr(options, r)) for r in ("mlp", "attn", "embed", "other")}
     rules = [(regex, _compile(regex), parse_scheme(s)) for regex, s in options.rules]
-    parse_clip(options.clip)
     if options.float_max_numel < 0:
         raise OptionError(f"float_max_numel must be >= 0, got {options.float_max_numel}")
     used: set[str] = set()

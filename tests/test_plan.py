@@ -119,6 +119,3 @@ def test_scheme_and_option_errors():
     assert parse_scheme(" INT4 ") == "int4"
     with pytest.raises(OptionError, match="unknown scheme 'int1'"):
         make_plan(state_dict(), PlanOptions(mlp="int1"))
-    with pytest.raises(OptionError, match="clip"):
-        make_plan(state_dict(), PlanOptions(clip="bogus"))
-    assert make_plan(state_dict(), PlanOptions(clip="pct:99.99984"))
