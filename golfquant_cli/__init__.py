@@ -1,0 +1,1 @@
+"""The golfquant command line: parses flags, calls the library, renders tables or JSON."""

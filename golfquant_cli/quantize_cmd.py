@@ -1,0 +1,51 @@
+"""`golfquant quantize`: checkpoint -> artifact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from golfquant.factory import parse_model_args
+from golfquant.pipeline import QuantizeOptions, quantize_checkpoint
+from golfquant_cli import render
+from golfquant_cli.defaults import resolve_checkpoint
+from golfquant_cli.options import (calib_from_flags, calib_options, json_option, model_options, parse_lqer,
+                                   plan_from_flags, plan_options)
+
+
+@click.command()
+@click.argument("ckpt", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Artifact path [default: out/<checkpoint name>.gqa].")
+@plan_options
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
+@click.option("--clip", default="amax", show_default=True,
+              help="amax | pct:P | mse | sdclip:K (or sdclip:mlp=K,attn=K,embed=K,default=K) | hsdclip:K,lambda=L | size[:BPW]")
+@calib_options
+@click.option("--block-size", default=128, show_default=True, help="GPTQ block size.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ column order by diag(H).")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, a fraction of mean(diag H).")
+@click.option("--lqer", default=None, metavar="top=K,rank=R", help="Low-rank error correction of the K worst tensors.")
+@model_options
+@click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
+              help="Your train_gpt.py: its bytes count toward the cap.")
+@json_option
+def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
+             calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, lqer, heads,
+             model_spec, model_args, code_path, as_json):
+    """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
+    ckpt = resolve_checkpoint(ckpt, quiet=as_json)
+    out = out or Path("out") / f"{ckpt.stem}.gqa"
+    opts = QuantizeOptions(
+        plan=plan_from_flags(mlp, attn, embed, other, rules, float_max_numel), method=method, clip=clip,
+        calib=calib_from_flags(calib_source, calib_data, calib_seqs, calib_len, calib_temp, calib_seed, calib_first),
+        block_size=block_size, act_order=act_order, damp=damp, lqer=parse_lqer(lqer), num_heads=heads,
+        model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None)
+    opts.validate()
+    with render.stage_progress(enabled=not as_json) as progress:
+        summary = quantize_checkpoint(ckpt, out, opts, code_path, progress=progress,
+                                      on_tensor=None if as_json else render.print_tensor_report)
+    if as_json:
+        render.emit_json(summary)
+    else:
+        render.print_quantize_summary(summary)
