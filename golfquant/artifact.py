@@ -557,8 +557,28 @@ def _frombuffer(raw: bytes, offset: int, shape: tuple[int, ...], dtype_str: str,
     return torch.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
-def read_artifact(path: str | os.PathLike) -> Artifact:
-    """Validate and decode every section; quantized tensors come back as QuantizedTensor, floats as stored."""
+@dataclass
+class PackedTensor:
+    """A quantized tensor as stored: codes still in their bit layout, for the dequant kernels."""
+
+    packed: torch.Tensor  # uint8
+    bits: int
+    layout: str
+    shape: tuple[int, ...]
+    scales: torch.Tensor  # fp16 [shape[:-1]]
+    lqer: LowRankFactors | None
+
+    def dequantize(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+        from kernels import dequantize_packed
+
+        lqer = None if self.lqer is None else (self.lqer.a().to(device), self.lqer.b().to(device))
+        return dequantize_packed(self.packed.to(device), self.bits, self.layout, self.shape,
+                                 self.scales.to(device), lqer, dtype)
+
+
+def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
+    """Validate and decode every section; quantized tensors come back as QuantizedTensor (or, with packed=True, as
+    PackedTensor with the codes left in their bit layout), floats as stored."""
     manifest, region, _, _, _ = _read_container(path)
     sections = manifest["sections"]
     payloads: dict[int, bytes] = {}
@@ -571,7 +591,7 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     def scales(ref: dict, shape: tuple[int, ...], where: str) -> torch.Tensor:
         return _frombuffer(payload(ref["section"]), ref["offset"], shape, "float16", where)
 
-    tensors: dict[str, QuantizedTensor | torch.Tensor] = {}
+    tensors: dict[str, QuantizedTensor | PackedTensor | torch.Tensor] = {}
     for t in manifest["tensors"]:
         where = f"artifact {path}: tensor '{t['name']}'"
         shape = tuple(t["shape"])
@@ -579,7 +599,6 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
             ref = t["data"]
             tensors[t["name"]] = _frombuffer(payload(ref["section"]), ref["offset"], shape, ref["dtype"], where)
             continue
-        codes = _decode_codes(region, sections[t["codes"]], shape, t["bits"], where)
         lqer = None
         if t["lqer"] is not None:
             lq = t["lqer"]
@@ -590,8 +609,27 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
                 b_codes=_decode_codes(region, sections[lq["b_codes"]], b_shape, lq["b_bits"], where),
                 b_scales=scales(lq["b_scales"], (math.ceil(lq["rank"] * shape[-1] / lq["group"]),), where),
                 b_bits=lq["b_bits"], group=lq["group"])
-        tensors[t["name"]] = QuantizedTensor(codes, scales(t["scales"], shape[:-1], where), t["bits"], lqer)
+        row_scales = scales(t["scales"], shape[:-1], where)
+        s = sections[t["codes"]]
+        if packed:
+            data, layout = _packed_codes(region, s, shape, t["bits"], where)
+            tensors[t["name"]] = PackedTensor(data, t["bits"], layout, shape, row_scales, lqer)
+        else:
+            codes = _decode_codes(region, s, shape, t["bits"], where)
+            tensors[t["name"]] = QuantizedTensor(codes, row_scales, t["bits"], lqer)
     return Artifact(manifest, tensors)
+
+
+def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str
+                  ) -> tuple[torch.Tensor, str]:
+    """The section's bytes as stored in its bit layout; codes from a codes codec come back as the int8 layout."""
+    if s["codec"] in CODES_CODECS:
+        codes = _decode_codes(region, s, shape, bits, where)
+        return codes.view(torch.uint8).reshape(-1).clone(), "int8"
+    raw = _section_payload(region, s, where)
+    unpack_codes(raw, bits, s["layout"], shape)  # validates padding and code range before a kernel sees the bytes
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8), \
+        s["layout"]
 
 
 def _to_device(qt: QuantizedTensor, device: str | torch.device) -> QuantizedTensor:
@@ -606,14 +644,19 @@ def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str 
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
     """A state_dict: float tensors (dequantized ones included) in their original dtype, or `dtype` when given.
 
+    On a CUDA device the packed codes go to the GPU as stored and the Triton kernels dequantize them there.
     dequantize=False keeps quantized tensors as QuantizedTensor. Non-float tensors keep their dtype.
     """
-    art = read_artifact(path)
+    device = torch.device(device)
+    on_gpu = dequantize and device.type == "cuda"
+    art = read_artifact(path, packed=on_gpu)
     out: dict[str, torch.Tensor | QuantizedTensor] = {}
     for t in art.manifest["tensors"]:
         value = art.tensors[t["name"]]
         target = dtype or DTYPES[t["dtype"]]
-        if isinstance(value, QuantizedTensor):
+        if isinstance(value, PackedTensor):
+            out[t["name"]] = value.dequantize(target, device)
+        elif isinstance(value, QuantizedTensor):
             value = _to_device(value, device)
             out[t["name"]] = value.dequantize(target) if dequantize else value
         else:

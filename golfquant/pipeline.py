@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from golfquant.artifact import load_artifact, write_artifact
+from golfquant.artifact import PackedTensor, load_artifact, read_artifact, write_artifact
 from golfquant.calib import CalibConfig, Hessian, calibration_tokens, capture_hessians
 from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
@@ -210,6 +210,7 @@ class RoundtripOptions:
     num_heads: int | None = None
     model_spec: str | None = None
     model_args: dict | None = None
+    packed: bool = False  # run quantized Linears from packed codes (kernels.QuantLinear)
 
 
 def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: Progress | None = None) -> dict:
@@ -229,7 +230,7 @@ def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: P
                             progress=_stage(progress, stage))
 
     float_res = run("float")
-    load_quantized_weights(model, artifact_path)
+    load_quantized_weights(model, artifact_path, opts.packed)
     quant_res = run("quantized")
     return {
         "float": {"val_loss": float_res.val_loss, "val_bpb": float_res.val_bpb},
@@ -239,13 +240,40 @@ def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: P
         "bytes": float_res.bytes,
         "seq_len": seq_len,
         "stride": opts.stride,
+        "packed": opts.packed,
     }
 
 
-def load_quantized_weights(model: torch.nn.Module, artifact_path) -> None:
-    """Load the artifact's dequantized state_dict into the model; a shape mismatch names the tensor."""
+def load_quantized_weights(model: torch.nn.Module, artifact_path, packed: bool = False) -> None:
+    """Load the artifact's dequantized state_dict into the model; a shape mismatch names the tensor.
+
+    packed=True keeps every quantized Linear weight packed: the Linear becomes a kernels.QuantLinear that
+    dequantizes inside its matmul, so no float copy of those weights is made.
+    """
     sd = load_artifact(artifact_path)
     own = model.state_dict()
+    _check_same_tensors(own, sd, artifact_path)
+    if packed:
+        swapped = _swap_packed_linears(model, artifact_path)
+        sd = {k: v for k, v in sd.items() if k not in swapped}
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=not packed)
+
+
+def _swap_packed_linears(model: torch.nn.Module, artifact_path) -> set[str]:
+    from kernels import swap_linears
+
+    modules = dict(model.named_modules())
+    weights = {}
+    for name, value in read_artifact(artifact_path, packed=True).tensors.items():
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if isinstance(value, PackedTensor) and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
+            lqer = None if value.lqer is None else (value.lqer.a(), value.lqer.b())
+            weights[name] = (value.packed, value.bits, value.layout, value.shape, value.scales, lqer)
+    swap_linears(model, weights)
+    return set(weights)
+
+
+def _check_same_tensors(own: dict, sd: dict, artifact_path) -> None:
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
@@ -253,7 +281,6 @@ def load_quantized_weights(model: torch.nn.Module, artifact_path) -> None:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
         raise OptionError(f"artifact {artifact_path} does not match the model: {detail}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
 def _vocab_size(model: torch.nn.Module, sd: dict) -> int:

@@ -26,15 +26,17 @@ from golfquant_cli.options import json_option, model_options
 @click.option("--seq-len", type=int, default=None, help="Evaluation sequence length [default: the model's].")
 @click.option("--stride", type=int, default=None, help="Sliding-window stride (the corrected challenge variant).")
 @click.option("--batch-seqs", type=int, default=16, show_default=True)
+@click.option("--packed", is_flag=True,
+              help="Keep quantized Linear weights packed and dequantize inside the matmul (Triton on CUDA).")
 @model_options
 @json_option
-def roundtrip_eval_cmd(artifact, ckpt, val_pattern, tokenizer, max_tokens, seq_len, stride, batch_seqs, heads,
+def roundtrip_eval_cmd(artifact, ckpt, val_pattern, tokenizer, max_tokens, seq_len, stride, batch_seqs, packed, heads,
                        model_spec, model_args, as_json):
     """val_loss and val_bpb of the float checkpoint and of ARTIFACT's dequantized weights."""
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
     opts = RoundtripOptions(
         val_pattern=val_pattern or default_val_pattern(), tokenizer=str(tokenizer or default_tokenizer_path()),
-        max_tokens=max_tokens, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, num_heads=heads,
+        max_tokens=max_tokens, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, packed=packed, num_heads=heads,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None)
     with render.stage_progress(enabled=not as_json) as progress:
         result = roundtrip_eval(artifact, ckpt, opts, progress)
