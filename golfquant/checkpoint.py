@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +58,20 @@ def _torch_load(p: Path):
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if str(e) else "unsupported pickle content"
         raise CheckpointError(
-            f"{p}: refused, it holds more than plain tensors and containers ({reason[:160]}); "
+            f"{p}: refused, it holds more than plain tensors and containers ({_refusal_reason(e)}); "
             "golfquant never runs pickled code"
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # a damaged or foreign file fails anywhere in torch.load, with any exception type
         raise CheckpointError(f"{p}: not a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The line of torch's message naming what was refused; its first lines advise weights_only=False."""
+    for line in str(e).splitlines():
+        if "unsupported" in line.lower():
+            return line.split("error:")[-1].strip().split(". ")[0][:160]
+    return "unsupported pickle content"
 
 
 def _from_payload(obj, p: Path) -> Checkpoint:

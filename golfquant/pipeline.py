@@ -15,6 +15,7 @@ import torch
 
 from golfquant.artifact import PackedTensor, load_artifact, read_artifact, write_artifact
 from golfquant.calib import CalibConfig, Hessian, calibration_tokens, capture_hessians
+from golfquant.codepack import code_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import OptionError
@@ -170,11 +171,11 @@ def _apply_lqer(out: dict, sd: dict, hessians: dict[str, Hessian], lq: LqerOptio
     return dataclasses.asdict(lq) | {"tensors": targets}
 
 
-def quantize_checkpoint(ckpt_path, out_path, opts: QuantizeOptions, code_path=None,
+def quantize_checkpoint(ckpt_path, out_path, opts: QuantizeOptions, code_path=None, packed_code: bool = False,
                         progress: Progress | None = None, on_tensor=None) -> dict:
     """Quantize a checkpoint file into an artifact file; returns a summary (the CLI's JSON)."""
     ckpt = load_checkpoint(ckpt_path)
-    code_bytes = code_size(code_path)
+    code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
     result = quantize_state_dict(ckpt, opts, progress, on_tensor)
     meta = result.meta | {"checkpoint": Path(ckpt_path).name, "model_config": ckpt.config}
     artifact_bytes = write_artifact(out_path, result.tensors, result.plan, meta).total_bytes
@@ -188,15 +189,6 @@ def quantize_checkpoint(ckpt_path, out_path, opts: QuantizeOptions, code_path=No
         "reports": [dataclasses.asdict(r) for r in result.reports],
         "meta": result.meta,
     }
-
-
-def code_size(code_path) -> int:
-    if code_path is None:
-        return 0
-    p = Path(code_path)
-    if not p.is_file():
-        raise OptionError(f"--code {p}: no such file")
-    return p.stat().st_size
 
 
 @dataclass

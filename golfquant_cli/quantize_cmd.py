@@ -29,10 +29,11 @@ from golfquant_cli.options import (calib_from_flags, calib_options, json_option,
 @model_options
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
               help="Your train_gpt.py: its bytes count toward the cap.")
+@click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")
 @json_option
 def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
              calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, lqer, heads,
-             model_spec, model_args, code_path, as_json):
+             model_spec, model_args, code_path, packed_code, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
     out = out or Path("out") / f"{ckpt.stem}.gqa"
@@ -43,7 +44,7 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None)
     opts.validate()
     with render.stage_progress(enabled=not as_json) as progress:
-        summary = quantize_checkpoint(ckpt, out, opts, code_path, progress=progress,
+        summary = quantize_checkpoint(ckpt, out, opts, code_path, packed_code, progress=progress,
                                       on_tensor=None if as_json else render.print_tensor_report)
     if as_json:
         render.emit_json(summary)

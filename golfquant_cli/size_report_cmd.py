@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from golfquant.pipeline import code_size
+from golfquant.codepack import code_size
 from golfquant.report import CAP_BYTES, size_report as build_report
 from golfquant_cli import render
 from golfquant_cli.options import json_option, parse_budget
@@ -15,12 +15,14 @@ from golfquant_cli.options import json_option, parse_budget
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
               help="Your train_gpt.py (or the packed form): its bytes count toward the cap.")
+@click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")
 @click.option("--budget", default=str(CAP_BYTES), show_default=True, help="Decimal bytes, e.g. 16000000 or 16e6.")
 @click.option("--no-entropy", is_flag=True, help="Skip the entropy bounds (they decode every section).")
 @json_option
-def size_report(artifact, code_path, budget, no_entropy, as_json):
+def size_report(artifact, code_path, packed_code, budget, no_entropy, as_json):
     """Bytes per tensor and per role group, scales and metadata, code bytes, total and headroom."""
-    report = build_report(artifact, code_size(code_path), parse_budget(budget), entropy=not no_entropy)
+    code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
+    report = build_report(artifact, code_bytes, parse_budget(budget), entropy=not no_entropy)
     if as_json:
         render.emit_json(report)
     else:

@@ -10,7 +10,9 @@ The model gives code q_ij a discretized Student-t law whose width depends on its
 with one byte A_i per row and B_j per column (themselves entropy coded), nu in {2, 4, ..., 128} and the shift
 per tensor. The encoder fits A, B by moments, refines them and picks nu/shift by the exact coded size, and
 also tries rows-only, columns-only, no context and a plain stored order-0 table; the smallest wins (header
-bytes 1-2 record the choice). The tables are rebuilt by the decoder from these parameters with only
+bytes 1-2 record the choice). Near-identical rows (rarely seen tokens of a trained embedding, which LZ
+codecs match) are predicted from an earlier row and only their wrapped residuals are coded (kind 3).
+The tables are rebuilt by the decoder from these parameters with only
 + - * / and sqrt in float64 (IEEE-exact, so identical on every machine), then rounded to 16-bit frequencies.
 
 Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
@@ -22,9 +24,9 @@ Blob: version, kind, then per kind (all integers little-endian):
   kind 0: empty tensor (nothing else)
   kind 1 (parametric): flags (bit0 rows, bit1 cols), nu index, shift int16, [A values], [B values], stream
   kind 2 (order-0): table, stream
-  kind 3 (split): row flags, root indices (low, high bytes) as values, varint length + blob of the root rows,
-                  blob of the other rows' residuals (code - root code, wrapped), whose classes add
-                  floor(8 log2(|root code| + 1)): a near-copy differs where the root code is large
+  kind 3 (split): row flags, distances back to the reference row (low, high bytes) as values, varint length +
+                  blob (version, kind 1|2 ...) of the unreferenced rows, blob of the others' residuals
+                  (code - reference code, wrapped into [-qmax, qmax]); each kind picks its own model
 values = table + varint length + stream; table = lo, span, precision p, then span+1 varint frequencies
 summing to 2^p; stream = W uint32 final lane states, then uint16 words.
 """
@@ -53,6 +55,7 @@ _SIDE_PREC = 12
 _STEPS_PER_LANE = 8192  # lanes = ceil(n / this): 4 flush bytes per lane vs Python steps per call
 _MAX_LANES = 1024
 _REFINE = (-2, -1, 1, 2)
+_NEIGHBOURS = (-4, -3, -2, -1, 1, 2, 3, 4)  # positions in the row sort searched for a reference row
 _RANS_LOSS = 0.0002  # bytes per symbol and ideal bit (up to 2) that a stream spends above its ideal size (measured)
 
 
@@ -105,9 +108,8 @@ def _parametric_freq(bits: int, nu_index: int) -> np.ndarray:
     widths = np.ldexp(_ROOTS[k % _OCTAVE], k // _OCTAVE - _K_UNIT // _OCTAVE)
     edges = (np.arange(-r, r) + 0.5)[None, :] / widths[:, None]
     cdf = np.concatenate([np.zeros((_K, 1)), _t_cdf(edges, _NUS[nu_index]), np.ones((_K, 1))], axis=1)
-    p = np.maximum(np.diff(cdf, axis=1), 0.0)
     # Every code stays codable: the tails of a narrow law still get one count out of 2^16.
-    f = _quantize(np.maximum(p, 1e-300), _M)
+    f = _quantize(np.maximum(np.diff(cdf, axis=1), 1e-300), _M)
     f.setflags(write=False)
     return f
 
@@ -304,17 +306,17 @@ class _Plan:
         return self.prefix + _rans_encode(self.sym, self.cls, self.freq)
 
 
-def _log_means(absq: np.ndarray, spread: np.ndarray, rows: bool, cols: bool) -> tuple[np.ndarray, np.ndarray]:
-    """log2 factors of E|q_ij| ~ 2^(a_i + b_j) * spread_ij (alternating moment fit; -inf for all-zero lines)."""
+def _log_means(absq: np.ndarray, rows: bool, cols: bool) -> tuple[np.ndarray, np.ndarray]:
+    """log2 factors of E|q_ij| ~ 2^(a_i + b_j) (alternating moment fit; -inf for all-zero lines)."""
     a_sum, b_sum = absq.sum(axis=1), absq.sum(axis=0)
     la = np.zeros(absq.shape[0])
     lb = np.zeros(absq.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         for _ in range(3 if rows and cols else 1):
             if rows:
-                la = np.log2(a_sum / (spread @ np.exp2(lb)))
+                la = np.log2(a_sum / np.exp2(lb).sum())
             if cols:
-                lb = np.log2(b_sum / (np.exp2(la) @ spread))
+                lb = np.log2(b_sum / np.exp2(la).sum())
     return la, lb
 
 
@@ -365,14 +367,14 @@ def _refine(sym: np.ndarray, a: np.ndarray, offset: np.ndarray, cost: np.ndarray
     return np.clip(a + best, 0, 255)
 
 
-def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool, extra: np.ndarray) -> _Plan:
-    """t-law model with optional row and column bytes; `extra` [R, C] adds fixed known classes."""
+def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _Plan:
+    """t-law model with optional row and column width bytes."""
     absq = np.abs(sym - _qmax(bits)).astype(np.float64)
-    la, lb = _log_means(absq, np.exp2(extra / _OCTAVE), rows, cols)
+    la, lb = _log_means(absq, rows, cols)
     a = _to_bytes(la) if rows else np.zeros(sym.shape[0], np.int64)
     b = _to_bytes(lb) if cols else np.zeros(sym.shape[1], np.int64)
     nsym = 2 * _qmax(bits) + 1
-    k0 = a[:, None] + b[None, :] + extra
+    k0 = a[:, None] + b[None, :]
     mean = absq.mean()
     typical = np.log2(mean) * _OCTAVE if mean > 0 else -_K_UNIT
     centre = int(round(typical)) + _K_UNIT - int(np.median(k0))
@@ -381,14 +383,14 @@ def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool, extra: 
     _, nu_i, shift = _search(hist, k0v, bits, range(s0 - 3, s0 + 4), range(len(_NUS)))
     if rows or cols:
         cost = _parametric_cost(bits, nu_i)
-        for _ in range(2):
+        for _ in range(3 if rows and cols else 1):  # alternate: the moment fit is poor for sparse residuals
             if rows:
-                a = _refine(sym, a, b[None, :] + extra + shift, cost)
+                a = _refine(sym, a, b[None, :] + shift, cost)
             if cols:
-                b = _refine(sym.T, b, (a[:, None] + extra + shift).T, cost)
+                b = _refine(sym.T, b, a[None, :] + shift, cost)
         shift += int(a.min()) + int(b.min())
         a, b = a - a.min(), b - b.min()
-        k0 = a[:, None] + b[None, :] + extra
+        k0 = a[:, None] + b[None, :]
         hist, k0v = _joint(k0.ravel(), sym.ravel(), nsym)
         _, nu_i, shift = _search(hist, k0v, bits, range(shift - 2, shift + 3), range(len(_NUS)))
     coded, _, _ = _search(hist, k0v, bits, range(shift, shift + 1), range(nu_i, nu_i + 1))
@@ -412,15 +414,15 @@ def _order0_plan(sym: np.ndarray, bits: int) -> _Plan:
     return min(plans, key=lambda p: p.estimated_bytes)
 
 
-def _best_plan(q: np.ndarray, bits: int, extra: np.ndarray) -> _Plan:
+def _best_plan(q: np.ndarray, bits: int) -> _Plan:
     """Smallest of: stored order-0 table, t-law with no / row / column / row+column widths."""
     sym = q.astype(np.int64) + _qmax(bits)
     plans = [_order0_plan(sym, bits)]
-    plans += [_parametric_plan(sym, bits, rows, cols, extra) for rows in (False, True) for cols in (False, True)]
+    plans += [_parametric_plan(sym, bits, rows, cols) for rows in (False, True) for cols in (False, True)]
     return min(plans, key=lambda p: p.estimated_bytes)
 
 
-def _decode_plain(r: _Reader, rows: int, cols: int, bits: int, extra: np.ndarray) -> np.ndarray:
+def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
     """Decode the rest of `r` (an order-0 or parametric blob after its version byte) into [rows, cols] codes."""
     kind = r.u8()
     n = rows * cols
@@ -432,7 +434,7 @@ def _decode_plain(r: _Reader, rows: int, cols: int, bits: int, extra: np.ndarray
         shift = int.from_bytes(r.take(2), "little", signed=True)
         a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int64)
         b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int64)
-        cls = np.clip((a[:, None] + b[None, :] + extra).ravel() + shift, 0, _K - 1)
+        cls = np.clip((a[:, None] + b[None, :]).ravel() + shift, 0, _K - 1)
         sym = _rans_decode(r.rest(), n, cls, _parametric_freq(bits, nu_i))
     elif kind == _KIND_ORDER0:
         freq = _read_table(r, 2 * qm + 1)
@@ -458,20 +460,13 @@ def _wrap(d: np.ndarray, r: int) -> np.ndarray:
     return (d + r) % (2 * r + 1) - r
 
 
-@functools.lru_cache(maxsize=None)
-def _magnitude_classes(bits: int) -> np.ndarray:
-    """floor(8 log2(m + 1)) for m = 0..qmax, by exact comparisons with 2^(k/8) (no libm)."""
-    k = np.arange(8 * bits + 8)
-    steps = np.ldexp(_ROOTS[k % _OCTAVE], k // _OCTAVE)
-    return (steps[None, :] <= np.arange(1, _qmax(bits) + 2)[:, None]).sum(axis=1) - 1
-
-
 def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
-    """For each row, a root row to predict it from (-1: none); roots never have a reference themselves.
+    """For each row, an earlier row to predict it from (-1: none).
 
     Trained embeddings hold many near-identical rows (rarely seen tokens); an LZ coder finds them, a width
     model does not. Candidates are the neighbours in the order of a random projection of the rows; a row
-    takes one when its residual's row entropy beats its own by more than the cost of the reference.
+    takes the closest earlier one (L1) when its residual's row entropy beats its own by more than the cost
+    of the reference.
     """
     rows = q.shape[0]
     ref = np.full(rows, -1, np.int64)
@@ -481,34 +476,26 @@ def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
     x = q.astype(np.int64)
     probe = np.random.default_rng(0).choice(np.array([-1, 1], np.int64), q.shape[1])
     order = np.argsort(x @ probe, kind="stable")
+    index = np.arange(rows)
     best_l1 = np.full(rows, np.iinfo(np.int64).max)
     best = np.zeros(rows, np.int64)
-    for o in (-3, -2, -1, 1, 2, 3):
+    for o in _NEIGHBOURS:
         cand = np.empty(rows, np.int64)
-        cand[order] = order[np.clip(np.arange(rows) + o, 0, rows - 1)]
+        cand[order] = order[np.clip(index + o, 0, rows - 1)]
         l1 = np.abs(x - x[cand]).sum(axis=1)
-        ok = (cand != np.arange(rows)) & (cand < 1 << 16) & (l1 < best_l1)
+        ok = (cand < index) & (index - cand < 1 << 16) & (l1 < best_l1)
         best = np.where(ok, cand, best)
         best_l1 = np.where(ok, l1, best_l1)
     nsym = 2 * r + 1
     gain = _row_entropy_bits(x + r, nsym) - _row_entropy_bits(_wrap(x - x[best], r) + r, nsym)
     use = (best_l1 < np.iinfo(np.int64).max) & (gain > 32)
-    # Greedy by gain; a row that serves as a root keeps its own codes, and a candidate that is itself
-    # predicted is replaced by its root, so that every reference points at a root.
-    referenced = np.zeros(rows, bool)
-    for i in np.flatnonzero(use)[np.argsort(-gain[use], kind="stable")]:
-        if referenced[i]:
-            continue
-        root = best[i] if ref[best[i]] < 0 else ref[best[i]]
-        if root != i:
-            ref[i] = root
-            referenced[root] = True
+    ref[use] = best[use]
     return ref
 
 
 def _encode_refs(ref: np.ndarray) -> bytes:
-    """A 0/1 flag per row, then the root index of flagged rows as low and high bytes."""
-    d = ref[ref >= 0]
+    """A 0/1 flag per row, then the distance back to the reference of flagged rows as low and high bytes."""
+    d = (np.arange(ref.size) - ref)[ref >= 0]
     return _encode_values((ref >= 0).astype(np.int64)) + _encode_values(d & 255) + _encode_values(d >> 8)
 
 
@@ -517,20 +504,19 @@ def _decode_refs(r: _Reader, rows: int) -> np.ndarray:
     k = int(has.sum())
     if not 0 < k < rows:
         raise ArtifactError("rANS row references are malformed; the artifact is damaged")
+    dist = _decode_values(r, k) + (_decode_values(r, k) << 8)
     ref = np.full(rows, -1, np.int64)
-    ref[has] = _decode_values(r, k) + (_decode_values(r, k) << 8)
-    if (ref >= rows).any() or (ref[np.maximum(ref, 0)] >= 0)[has].any():
-        raise ArtifactError("rANS row reference points outside the tensor or at a predicted row; damaged artifact")
+    ref[has] = np.flatnonzero(has) - dist
+    if (ref[has] < 0).any() or (dist == 0).any():
+        raise ArtifactError("rANS row reference points outside the tensor; the artifact is damaged")
     return ref
 
 
-def _split_parts(q: np.ndarray, bits: int, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Root rows, residual rows, and the residual rows' extra classes (from their root's code magnitude)."""
-    r = _qmax(bits)
+def _split_parts(q: np.ndarray, bits: int, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows without a reference, and the wrapped residuals of the others."""
     has = ref >= 0
-    root_codes = q[ref[has]].astype(np.int64)
-    resid = _wrap(q[has].astype(np.int64) - root_codes, r).astype(np.int8)
-    return q[~has], resid, _magnitude_classes(bits)[np.abs(root_codes)]
+    resid = _wrap(q[has].astype(np.int64) - q[ref[has]].astype(np.int64), _qmax(bits))
+    return q[~has], resid.astype(np.int8)
 
 
 # ---------------------------------------------------------------- public API
@@ -549,17 +535,48 @@ def _as_matrix(codes, bits: int) -> np.ndarray:
 
 def _candidates(q: np.ndarray, bits: int) -> list[tuple[float, object]]:
     """(estimated bytes, payload) for the plain plan and, where rows repeat, the root/residual split."""
-    plain = _best_plan(q, bits, np.zeros(q.shape, np.int64))
+    plain = _best_plan(q, bits)
     out: list[tuple[float, object]] = [(plain.estimated_bytes, plain)]
     ref = _row_refs(q, bits)
     if (ref >= 0).any():
-        roots, resid, extra = _split_parts(q, bits, ref)
+        roots, resid = _split_parts(q, bits, ref)
         head = bytes([VERSION, _KIND_SPLIT]) + _encode_refs(ref)
-        p_roots = _best_plan(roots, bits, np.zeros(roots.shape, np.int64))
-        p_resid = _best_plan(resid, bits, extra)
+        p_roots = _best_plan(roots, bits)
+        p_resid = _best_plan(resid, bits)
         est = len(head) + 4 + p_roots.estimated_bytes + p_resid.estimated_bytes
         out.append((est, (head, p_roots, p_resid)))
     return out
+
+
+@dataclass(frozen=True)
+class SizeBreakdown:
+    """Where the bytes of encode_codes go (estimates; total within ~0.3% of the real size).
+
+    kind: "order0", "parametric" or "split"; model_bytes: header, tables and row/column/reference side
+    information; payload_bytes: the ideal code length of the codes under the chosen model, so the real size
+    minus model_bytes over payload_bytes measures the coder's own loss (lane states, 16-bit probabilities).
+    """
+
+    kind: str
+    model_bytes: int
+    payload_bytes: float
+    estimated_bytes: float
+
+
+_KIND_NAMES = {_KIND_ORDER0: "order0", _KIND_PARAMETRIC: "parametric"}
+
+
+def size_breakdown(codes, bits: int) -> SizeBreakdown:
+    bits = _check_bits(bits, OptionError)
+    q = _as_matrix(codes, bits)
+    if q.size == 0:
+        return SizeBreakdown("empty", 2, 0.0, 2.0)
+    est, best = min(_candidates(q, bits), key=lambda c: c[0])
+    if isinstance(best, _Plan):
+        return SizeBreakdown(_KIND_NAMES[best.prefix[1]], len(best.prefix), best.bits / 8, est)
+    head, p_roots, p_resid = best
+    model = len(head) + len(p_roots.prefix) + len(p_resid.prefix)
+    return SizeBreakdown("split", model, (p_roots.bits + p_resid.bits) / 8, est)
 
 
 def encode_codes(codes, bits: int) -> bytes:
@@ -600,8 +617,7 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
             raise ArtifactError(f"rANS blob does not hold an empty tensor of shape {shape}; the artifact is damaged")
         return np.zeros(shape, np.int8)
     if r.data[r.pos:r.pos + 1] != bytes([_KIND_SPLIT]):
-        q = _decode_plain(r, rows, cols, bits, np.zeros((rows, cols), np.int64))
-        return q.astype(np.int8).reshape(shape)
+        return _decode_plain(r, rows, cols, bits).astype(np.int8).reshape(shape)
     r.u8()
     ref = _decode_refs(r, rows)
     has = ref >= 0
@@ -610,11 +626,11 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
         raise ArtifactError("rANS root-row blob has an unknown version; the artifact is damaged")
     q = np.empty((rows, cols), np.int64)
     nroots = rows - int(has.sum())
-    q[~has] = _decode_plain(sub, nroots, cols, bits, np.zeros((nroots, cols), np.int64))
+    q[~has] = _decode_plain(sub, nroots, cols, bits)
     if r.u8() != VERSION:
         raise ArtifactError("rANS residual blob has an unknown version; the artifact is damaged")
-    root_codes = q[ref[has]]
-    extra = _magnitude_classes(bits)[np.abs(root_codes)]
-    resid = _decode_plain(r, int(has.sum()), cols, bits, extra)
-    q[has] = _wrap(resid + root_codes, _qmax(bits))
+    q[has] = _decode_plain(r, rows - nroots, cols, bits)
+    qm = _qmax(bits)
+    for i in np.flatnonzero(has):  # references point backwards, so row order resolves them
+        q[i] = _wrap(q[i] + q[ref[i]], qm)
     return q.astype(np.int8).reshape(shape)
