@@ -109,7 +109,7 @@ def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progr
         if tp.bits is None:
             out[name] = _passthrough(t, tp.scheme)
             continue
-        h = hessians[name].h if name in hessians else None
+        h = hessians[name].H if name in hessians else None
         start = time.perf_counter()
         scales = row_scales(t.float(), tp.bits, _clip_for(spec, h), h, tp.role)
         if opts.method == "gptq" and h is not None:
@@ -163,7 +163,7 @@ def _apply_lqer(out: dict, sd: dict, hessians: dict[str, Hessian], lq: LqerOptio
     errors = {}
     for name, qt in out.items():
         if isinstance(qt, QuantizedTensor) and qt.codes.dim() == 2:
-            h = hessians[name].h if name in hessians else None
+            h = hessians[name].H if name in hessians else None
             errors[name] = hessian_weighted_error(sd[name].float(), qt.dequantize(), h)
     targets = select_lqer_targets(errors, lq.top)
     for name in targets:

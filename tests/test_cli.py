@@ -1,0 +1,108 @@
+"""Every command through click's CliRunner: JSON contracts, byte accounting, exit codes on bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from golfquant_cli.main import cli
+from helpers import TOKENIZER, tiny_checkpoint, val_shard
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def invoke_json(*args) -> dict:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory):
+    return val_shard(tmp_path_factory.mktemp("val") / "fineweb_val_000000.bin", n_tokens=1200)
+
+
+def test_quantize_and_size_report_account_for_every_byte(ckpt, tmp_path):
+    out = tmp_path / "a.gqa"
+    code = tmp_path / "train_gpt.py"
+    code.write_text("print('hello')\n" * 10)
+    q = invoke_json("quantize", ckpt, "-o", out, "--mlp", "int4", "--attn", "int6", "--float-max-numel", "0",
+                    "--code", code)
+    assert q["artifact_bytes"] == out.stat().st_size
+    assert q["code_bytes"] == code.stat().st_size
+    assert q["total_bytes"] == q["artifact_bytes"] + q["code_bytes"]
+    schemes = {t["name"]: t["scheme"] for t in q["tensors"]}
+    assert schemes["blocks.0.mlp.fc.weight"] == "int4"
+    assert schemes["blocks.1.attn.c_k.weight"] == "int6"
+    assert schemes["blocks.0.attn_scale"] == "fp32"
+
+    r = invoke_json("size-report", out, "--code", code, "--budget", "16e6")
+    assert r["artifact_bytes"] == out.stat().st_size
+    assert r["total_bytes"] == r["artifact_bytes"] + r["code_bytes"]
+    assert r["headroom_bytes"] == 16_000_000 - r["total_bytes"]
+    assert sum(t["compressed_bytes"] for t in r["tensors"]) + r["header_bytes"] + r["manifest_bytes"] \
+        == r["artifact_bytes"]
+    fc = next(t for t in r["tensors"] if t["name"] == "blocks.0.mlp.fc.weight")
+    assert fc["bits"] == 4 and fc["shape"] == [256, 128] and fc["compressed_bytes"] > 0 and fc["codec"]
+    assert fc["entropy_bytes"] > 0 and "layout" in fc
+
+
+def test_roundtrip_eval_reports_both_models(ckpt, val, tmp_path):
+    out = tmp_path / "a.gqa"
+    invoke_json("quantize", ckpt, "-o", out, "--mlp", "int8", "--attn", "int8", "--embed", "int8")
+    r = invoke_json("roundtrip-eval", out, "--ckpt", ckpt, "--val", val, "--tokenizer", TOKENIZER,
+                    "--max-tokens", 512)
+    assert set(r) >= {"float", "quantized", "gap_bpb", "tokens"}
+    assert r["tokens"] == 512
+    assert r["gap_bpb"] == pytest.approx(r["quantized"]["val_bpb"] - r["float"]["val_bpb"])
+    assert abs(r["gap_bpb"]) < 0.05
+    packed = invoke_json("roundtrip-eval", out, "--ckpt", ckpt, "--val", val, "--tokenizer", TOKENIZER,
+                         "--max-tokens", 512, "--packed")
+    assert packed["quantized"]["val_bpb"] == pytest.approx(r["quantized"]["val_bpb"], abs=1e-4)
+
+
+def test_quantize_gptq_reports_each_matrix(ckpt, tmp_path):
+    q = invoke_json("quantize", ckpt, "-o", tmp_path / "g.gqa", "--method", "gptq", "--mlp", "int4",
+                    "--float-max-numel", "0", "--calib-seqs", 2, "--calib-len", 16, "--clip", "sdclip")
+    reports = {r["name"]: r for r in q["reports"]}
+    assert reports["blocks.0.mlp.fc.weight"]["method"] == "gptq"
+    assert reports["blocks.0.mlp.fc.weight"]["error_vs_rtn"] < 1.0
+    assert q["meta"]["calibration"]["tokens"] == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quantize", "missing.pt"], "no such file"),
+    (["quantize", "{ckpt}", "--mlp", "int9"], "int9"),
+    (["size-report", "{ckpt}", "--budget", "lots"], "budget"),
+    (["quantize", "{ckpt}", "--clip", "sdclip:0"], "clip"),
+])
+def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
+    out = tmp_path / "never.gqa"
+    args = [a.replace("{ckpt}", str(ckpt)) for a in args]
+    if args[0] == "quantize":
+        args += ["-o", str(out)]
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not out.exists()
+
+
+def test_data_build_writes_shards_and_tokenizer(tmp_path):
+    text = tmp_path / "corpus.txt"
+    docs = [" ".join(f"word{i % 97} and the {i % 13} others went home." for i in range(d, d + 400))
+            for d in range(12)]
+    text.write_text("\n\f\n".join(docs))
+    r = invoke_json("data", "build", text, "--vocab", 300, "-o", tmp_path / "ds", "--val-fraction", 0.25)
+    assert (tmp_path / "ds" / "tokenizer.model").is_file()
+    assert list((tmp_path / "ds").glob("fineweb_val_*.bin")) and list((tmp_path / "ds").glob("fineweb_train_*.bin"))
+    assert r
