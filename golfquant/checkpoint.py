@@ -5,6 +5,7 @@ and safetensors files. Never executes pickled code: `.pt` files go through `torc
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from golfquant.atomic import atomic_path
+from golfquant.atomic import atomic_write_bytes
 from golfquant.errors import CheckpointError
 
 FORMAT = "golfquant-checkpoint-v1"
@@ -28,8 +29,9 @@ class Checkpoint:
 
 def save_checkpoint(path, state_dict: dict, config: dict | None, extra: dict | None = None) -> None:
     payload = {"format": FORMAT, "model": dict(state_dict), "config": config, "extra": extra or {}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buf = io.BytesIO()  # torch.save names the zip after its target file: a fixed name keeps the bytes deterministic
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path, check_finite: bool = True) -> Checkpoint:
