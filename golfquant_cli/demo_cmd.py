@@ -24,7 +24,7 @@ def demo(out_dir, calib_seqs, as_json):
     """The main job on the bundled model: GPTQ int4 MLP / int6 attention / int8 embedding, then size and bpb."""
     ckpt = default_data_dir() / "model.pt"
     artifact = out_dir / "model.gqa"
-    opts = QuantizeOptions(plan=DEMO_PLAN, method="gptq", clip="sdclip",
+    opts = QuantizeOptions(plan=DEMO_PLAN, method="gptq", clip="amax",
                            calib=CalibConfig(seqs=calib_seqs, batch=calib_seqs))
     say = (lambda text: None) if as_json else render.console.rule
     say(f"1/3 quantize {ckpt.name}: GPTQ on self-generated calibration, int4 MLP, int6 attention, int8 embedding")

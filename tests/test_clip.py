@@ -77,10 +77,15 @@ def test_bad_specs_raise_option_error(text):
 
 def test_sdclip_scales_are_k_std_over_qmax_fp16():
     w = torch.randn(64, 128, generator=_gen())
-    for bits, role, k in [(6, "mlp", 12.0), (6, "attn", 13.0), (8, "embed", 15.0), (5, None, 12.85)]:
+    # bare sdclip: the record constants (int6 matrices, int7 embeddings) scaled by 2^(bits - record bits)
+    for bits, role, k in [(6, "mlp", 12.0), (6, "attn", 13.0), (8, "embed", 30.0), (7, "embed", 15.0),
+                          (5, None, 6.425), (4, "mlp", 3.0)]:
         s = row_scales(w, bits, parse_clip("sdclip"), role=role)
         assert s.dtype == torch.float16 and s.shape == (64,)
         assert torch.equal(s, (k * w.std(dim=1) / qmax(bits)).to(torch.float16))
+    # an explicit k is used as given, at any width
+    s = row_scales(w, 4, parse_clip("sdclip:mlp=12"), role="mlp")
+    assert torch.equal(s, (12.0 * w.std(dim=1) / qmax(4)).to(torch.float16))
 
 
 def test_amax_and_pct():

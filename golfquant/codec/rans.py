@@ -9,23 +9,26 @@ The model gives code q_ij a discretized Student-t law whose width depends on its
 
 with one byte A_i per row and B_j per column (themselves entropy coded), nu in {2, 4, ..., 128} and the shift
 per tensor. The encoder fits A, B by moments, refines them and picks nu/shift by the exact coded size, and
-also tries rows-only, columns-only, no context and a plain stored order-0 table; the smallest wins (header
-bytes 1-2 record the choice). Near-identical rows (rarely seen tokens of a trained embedding, which LZ
-codecs match) are predicted from an earlier row and only their wrapped residuals are coded (kind 3).
-The tables are rebuilt by the decoder from these parameters with only
-+ - * / and sqrt in float64 (IEEE-exact, so identical on every machine), then rounded to 16-bit frequencies.
+also tries rows-only, columns-only, no context and a plain stored order-0 table; the smallest wins (the kind
+and flags bytes record the choice). Near-identical rows (rarely seen tokens of a trained embedding, which LZ
+codecs match) are predicted from an earlier row and only their wrapped residuals are coded (kind 3). The
+decoder rebuilds the tables from these parameters with only + - * / and sqrt in float64 (IEEE-exact, so
+identical on every machine), then rounds them to 16-bit frequencies.
+
+Public: encode_codes / decode_codes; estimate_encoded_bytes (size without coding); fit_size_model (the chosen
+model, frozen, to re-price changed codes with one table look-up per code, for search loops); size_breakdown.
 
 Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
 e of the row-major flattening goes to lane e % W at step e // W, so encode and decode are numpy ops across
-lanes with one Python iteration per step. The decoder checks that every lane ends in its initial state and
-that every word was used, so damaged input raises ArtifactError.
+lanes with one Python iteration per step. The decoder checks a CRC-32, that every lane ends in its initial
+state and that every word was used, so damaged input raises ArtifactError.
 
-Blob: version, kind, then per kind (all integers little-endian):
+Blob: version, CRC-32 of the body (uint32), body = kind, then per kind (all integers little-endian):
   kind 0: empty tensor (nothing else)
   kind 1 (parametric): flags (bit0 rows, bit1 cols), nu index, shift int16, [A values], [B values], stream
   kind 2 (order-0): table, stream
   kind 3 (split): row flags, distances back to the reference row (low, high bytes) as values, varint length +
-                  blob (version, kind 1|2 ...) of the unreferenced rows, blob of the others' residuals
+                  body (kind 1|2 ...) of the unreferenced rows, body of the others' residuals
                   (code - reference code, wrapped into [-qmax, qmax]); each kind picks its own model
 values = table + varint length + stream; table = lo, span, precision p, then span+1 varint frequencies
 summing to 2^p; stream = W uint32 final lane states, then uint16 words.
@@ -33,6 +36,7 @@ summing to 2^p; stream = W uint32 final lane states, then uint16 words.
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,7 @@ from golfquant.errors import ArtifactError, OptionError
 
 VERSION = 1
 _KIND_EMPTY, _KIND_PARAMETRIC, _KIND_ORDER0, _KIND_SPLIT = 0, 1, 2, 3
+_ENVELOPE = 5  # version byte + CRC-32 of the body
 _PROB_BITS = 16
 _M = 1 << _PROB_BITS
 _LOW = 1 << 16  # lane states live in [_LOW, 2^32)
@@ -298,9 +303,19 @@ class _Plan:
 
     @property
     def estimated_bytes(self) -> float:
-        # 4 flush bytes per lane, plus the loss of 16-bit probabilities on 32-bit states (measured).
+        return self.bytes_for(self.bits)
+
+    def bytes_for(self, bits: float) -> float:
+        """Blob size for streams of `bits` ideal bits: 4 flush bytes per lane, plus the loss of 16-bit
+        probabilities on 32-bit states (measured)."""
         n = self.sym.size
-        return len(self.prefix) + 4 * _lanes(n) + self.bits / 8 + _RANS_LOSS * n * min(self.bits / n, 2.0)
+        return len(self.prefix) + 4 * _lanes(n) + bits / 8 + _RANS_LOSS * n * min(bits / n, 2.0)
+
+    def price(self, sym: np.ndarray) -> float:
+        """Ideal bits of other symbols under this plan's frozen classes and tables (a symbol the table
+        lacks is priced at one count in 2^16)."""
+        cost = -np.log2(np.maximum(self.freq, 1) / _M)
+        return float(cost[self.cls, sym.ravel()].sum())
 
     def encode(self) -> bytes:
         return self.prefix + _rans_encode(self.sym, self.cls, self.freq)
@@ -394,7 +409,7 @@ def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _Pla
         hist, k0v = _joint(k0.ravel(), sym.ravel(), nsym)
         _, nu_i, shift = _search(hist, k0v, bits, range(shift - 2, shift + 3), range(len(_NUS)))
     coded, _, _ = _search(hist, k0v, bits, range(shift, shift + 1), range(nu_i, nu_i + 1))
-    prefix = bytes([VERSION, _KIND_PARAMETRIC, rows | cols << 1, nu_i]) + int(shift).to_bytes(2, "little", signed=True)
+    prefix = bytes([_KIND_PARAMETRIC, rows | cols << 1, nu_i]) + int(shift).to_bytes(2, "little", signed=True)
     if rows:
         prefix += _encode_values(a)
     if cols:
@@ -409,7 +424,7 @@ def _order0_plan(sym: np.ndarray, bits: int) -> _Plan:
         table, freq = _table_bytes(counts, prec)
         with np.errstate(divide="ignore"):
             coded = float((counts * -np.log2(np.where(freq > 0, freq, 1) / _M)).sum())
-        plans.append(_Plan(bytes([VERSION, _KIND_ORDER0]) + table, sym.ravel(), np.zeros(sym.size, np.int64),
+        plans.append(_Plan(bytes([_KIND_ORDER0]) + table, sym.ravel(), np.zeros(sym.size, np.int64),
                            freq[None], coded))
     return min(plans, key=lambda p: p.estimated_bytes)
 
@@ -423,7 +438,7 @@ def _best_plan(q: np.ndarray, bits: int) -> _Plan:
 
 
 def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
-    """Decode the rest of `r` (an order-0 or parametric blob after its version byte) into [rows, cols] codes."""
+    """Decode the rest of `r` (an order-0 or parametric body) into [rows, cols] codes."""
     kind = r.u8()
     n = rows * cols
     qm = _qmax(bits)
@@ -533,26 +548,70 @@ def _as_matrix(codes, bits: int) -> np.ndarray:
     return q.reshape(-1, q.shape[-1] if q.ndim else 1) if q.size else q.reshape(0, 0)
 
 
-def _candidates(q: np.ndarray, bits: int) -> list[tuple[float, object]]:
-    """(estimated bytes, payload) for the plain plan and, where rows repeat, the root/residual split."""
-    plain = _best_plan(q, bits)
-    out: list[tuple[float, object]] = [(plain.estimated_bytes, plain)]
+@dataclass(frozen=True)
+class SizeModel:
+    """The model encode_codes chooses for some codes, frozen.
+
+    estimated_bytes: the size of encode_codes(codes) (within ~0.3%). estimate(other): the size of other codes
+    of the same shape under this frozen model (one table look-up per code, ~100x cheaper than refitting), an
+    upper bound up to ~0.3% on what encode_codes(other) gives when the change is small (e.g. pruning a few
+    codes to zero): a refit can only do better. Search loops fit once and price candidates with estimate().
+    """
+
+    bits: int
+    shape: tuple[int, int]
+    head: bytes  # the kind and row references of a split or empty blob (nothing for a single plan)
+    ref: np.ndarray | None
+    plans: tuple[_Plan, ...]
+
+    @property
+    def estimated_bytes(self) -> float:
+        return _ENVELOPE + len(self.head) + self._length_bytes + sum(p.estimated_bytes for p in self.plans)
+
+    @property
+    def _length_bytes(self) -> int:
+        return len(_varints(np.array([round(self.plans[0].estimated_bytes)]))) if self.ref is not None else 0
+
+    def estimate(self, codes) -> float:
+        q = _as_matrix(codes, self.bits)
+        if q.shape != self.shape:
+            raise OptionError(f"codes of shape {q.shape} priced with a size model fitted to {self.shape}; refit")
+        parts = [q] if self.ref is None else _split_parts(q, self.bits, self.ref)
+        r = _qmax(self.bits)
+        priced = sum(p.bytes_for(p.price(part.astype(np.int64) + r)) for p, part in zip(self.plans, parts))
+        return _ENVELOPE + len(self.head) + self._length_bytes + priced
+
+    def encode(self) -> bytes:
+        if not self.plans:
+            body = self.head
+        elif self.ref is None:
+            body = self.plans[0].encode()
+        else:
+            roots_blob = self.plans[0].encode()
+            body = self.head + _varints(np.array([len(roots_blob)])) + roots_blob + self.plans[1].encode()
+        return bytes([VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
+
+
+def fit_size_model(codes, bits: int) -> SizeModel:
+    """Choose the model for codes: the best single plan, or (where rows repeat) the root/residual split."""
+    bits = _check_bits(bits, OptionError)
+    q = _as_matrix(codes, bits)
+    if q.size == 0:
+        return SizeModel(bits, q.shape, bytes([_KIND_EMPTY]), None, ())
+    models = [SizeModel(bits, q.shape, b"", None, (_best_plan(q, bits),))]
     ref = _row_refs(q, bits)
     if (ref >= 0).any():
         roots, resid = _split_parts(q, bits, ref)
-        head = bytes([VERSION, _KIND_SPLIT]) + _encode_refs(ref)
-        p_roots = _best_plan(roots, bits)
-        p_resid = _best_plan(resid, bits)
-        est = len(head) + 4 + p_roots.estimated_bytes + p_resid.estimated_bytes
-        out.append((est, (head, p_roots, p_resid)))
-    return out
+        head = bytes([_KIND_SPLIT]) + _encode_refs(ref)
+        models.append(SizeModel(bits, q.shape, head, ref, (_best_plan(roots, bits), _best_plan(resid, bits))))
+    return min(models, key=lambda m: m.estimated_bytes)
 
 
 @dataclass(frozen=True)
 class SizeBreakdown:
     """Where the bytes of encode_codes go (estimates; total within ~0.3% of the real size).
 
-    kind: "order0", "parametric" or "split"; model_bytes: header, tables and row/column/reference side
+    kind: "empty", "order0", "parametric" or "split"; model_bytes: header, tables and row/column/reference side
     information; payload_bytes: the ideal code length of the codes under the chosen model, so the real size
     minus model_bytes over payload_bytes measures the coder's own loss (lane states, 16-bit probabilities).
     """
@@ -567,37 +626,22 @@ _KIND_NAMES = {_KIND_ORDER0: "order0", _KIND_PARAMETRIC: "parametric"}
 
 
 def size_breakdown(codes, bits: int) -> SizeBreakdown:
-    bits = _check_bits(bits, OptionError)
-    q = _as_matrix(codes, bits)
-    if q.size == 0:
-        return SizeBreakdown("empty", 2, 0.0, 2.0)
-    est, best = min(_candidates(q, bits), key=lambda c: c[0])
-    if isinstance(best, _Plan):
-        return SizeBreakdown(_KIND_NAMES[best.prefix[1]], len(best.prefix), best.bits / 8, est)
-    head, p_roots, p_resid = best
-    model = len(head) + len(p_roots.prefix) + len(p_resid.prefix)
-    return SizeBreakdown("split", model, (p_roots.bits + p_resid.bits) / 8, est)
+    m = fit_size_model(codes, bits)
+    if not m.plans:
+        return SizeBreakdown("empty", _ENVELOPE + len(m.head), 0.0, m.estimated_bytes)
+    kind = "split" if m.ref is not None else _KIND_NAMES[m.plans[0].prefix[0]]
+    model = _ENVELOPE + len(m.head) + sum(len(p.prefix) for p in m.plans)
+    return SizeBreakdown(kind, model, sum(p.bits for p in m.plans) / 8, m.estimated_bytes)
 
 
 def encode_codes(codes, bits: int) -> bytes:
     """Entropy-code int8 codes in [-qmax(bits), qmax(bits)] (any shape; viewed as [-1, last dim])."""
-    bits = _check_bits(bits, OptionError)
-    q = _as_matrix(codes, bits)
-    if q.size == 0:
-        return bytes([VERSION, _KIND_EMPTY])
-    _, best = min(_candidates(q, bits), key=lambda c: c[0])
-    if isinstance(best, _Plan):
-        return best.encode()
-    head, p_roots, p_resid = best
-    roots_blob = p_roots.encode()
-    return head + _varints(np.array([len(roots_blob)])) + roots_blob + p_resid.encode()
+    return fit_size_model(codes, bits).encode()
 
 
 def estimate_encoded_bytes(codes, bits: int) -> float:
-    """Size of encode_codes(codes, bits) without running the coder (within ~0.3%; search loops use it)."""
-    bits = _check_bits(bits, OptionError)
-    q = _as_matrix(codes, bits)
-    return 2.0 if q.size == 0 else min(c[0] for c in _candidates(q, bits))
+    """Size of encode_codes(codes, bits) without running the coder (within ~0.3%)."""
+    return fit_size_model(codes, bits).estimated_bytes
 
 
 def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
@@ -609,9 +653,13 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64))
     cols = shape[-1] if shape and n else 1
     rows = n // cols
-    r = _Reader(blob)
-    if r.u8() != VERSION:
+    outer = _Reader(blob)
+    if outer.u8() != VERSION:
         raise ArtifactError("rANS blob has an unknown version; re-create the artifact with this golfquant")
+    crc = int.from_bytes(outer.take(4), "little")
+    r = _Reader(outer.rest())
+    if zlib.crc32(r.data) != crc:
+        raise ArtifactError("rANS blob fails its CRC-32 check; the artifact is damaged")
     if n == 0:
         if r.u8() != _KIND_EMPTY or r.pos != len(r.data):
             raise ArtifactError(f"rANS blob does not hold an empty tensor of shape {shape}; the artifact is damaged")
@@ -622,13 +670,9 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
     ref = _decode_refs(r, rows)
     has = ref >= 0
     sub = _Reader(r.take(r.varint()))
-    if sub.u8() != VERSION:
-        raise ArtifactError("rANS root-row blob has an unknown version; the artifact is damaged")
     q = np.empty((rows, cols), np.int64)
     nroots = rows - int(has.sum())
     q[~has] = _decode_plain(sub, nroots, cols, bits)
-    if r.u8() != VERSION:
-        raise ArtifactError("rANS residual blob has an unknown version; the artifact is damaged")
     q[has] = _decode_plain(r, rows - nroots, cols, bits)
     qm = _qmax(bits)
     for i in np.flatnonzero(has):  # references point backwards, so row order resolves them

@@ -13,7 +13,10 @@ Clip spec grammar (`parse_clip`): ``METHOD[:ARGS]``, ARGS comma-separated, posit
   keep the p minimising sum_j |w_j - q_j·s|^NORM at the fp16-rounded scale (ties keep the larger p).
 * ``sdclip[:K]`` or ``sdclip:mlp=K,attn=K,embed=K,other=K,control=K,default=K``: c = k·std(w_row) (unbiased
   std, as in the records), k chosen by the tensor's role. A positional K is ``default=K``. Roles not named
-  use ``default`` if it is given, else the 04-14 record constants (mlp 12, attn 13, embed 15, other 12.85).
+  use ``default`` if it is given, else the 04-14 record constants (mlp 12, attn 13, embed 15, other 12.85),
+  which were tuned for int6 matrices and int7 embeddings: for another width b they are scaled by
+  2^(b - record width), the records' own equivalence (b, k) ~ (b+1, 2k), so that the quantization step k·σ/qmax
+  stays the record's (bare ``sdclip`` at int4 clips MLP rows at 3σ, not 12σ). An explicit K is used as given.
 * ``hsdclip[:K[,LAMBDA]]`` (same role keys, plus ``lambda``, default 0.175): Hessian-aware SDClip,
   c_i = k·σ_i·[1 + λ(r_i - 1)], r_i = mean_j(|W_ij|·col_imp_j) normalised to mean 1 over rows,
   col_imp = diag(H) / mean(diag(H)). Needs the tensor's Hessian. 0 <= λ <= 1 keeps every clip >= 0.
@@ -46,6 +49,7 @@ from golfquant.quant.qtensor import qmax
 ROLE_KEYS = ("mlp", "attn", "embed", "other", "control")
 # 04-14 record constants: MLP 12, attention 13, int7 embeddings 15, everything else 12.85.
 RECORD_K = {"mlp": 12.0, "attn": 13.0, "embed": 15.0, "default": 12.85}
+RECORD_K_BITS = {"mlp": 6, "attn": 6, "embed": 7, "default": 6}  # the widths those constants were tuned for
 RECORD_LAMBDA = 0.175  # 04-06 record (HESSIAN_CLIP_LAMBDA)
 SCALE_MIN = 2.0**-24
 SCALE_MAX = 65504.0
@@ -73,10 +77,14 @@ class ClipSpec:
     k: tuple[tuple[str, float], ...] = ()  # (role or "default", k), in ROLE_KEYS order then default
     lam: float = 0.0
     target_bpw: float | None = None
+    record_keys: tuple[str, ...] = ()  # k entries taken from RECORD_K, scaled with the width
 
-    def k_for(self, role: str | None) -> float:
+    def k_for(self, role: str | None, bits: int | None = None) -> float:
         table = dict(self.k)
-        return table.get(role, table["default"]) if role is not None else table["default"]
+        key = role if role in table else "default"
+        if key in self.record_keys and bits is not None:
+            return table[key] * 2.0 ** (bits - RECORD_K_BITS[key])
+        return table[key]
 
     def __str__(self) -> str:
         """Canonical text: parse_clip(str(spec)) == spec."""
@@ -88,10 +96,10 @@ class ClipSpec:
             return f"mse:norm={self.norm!r},grid={self.grid},maxshrink={self.maxshrink!r}"
         if self.method == "size":
             return "size" if self.target_bpw is None else f"size:{self.target_bpw!r}"
-        args = [f"{role}={k!r}" for role, k in self.k]
+        args = [f"{role}={k!r}" for role, k in self.k if role not in self.record_keys]
         if self.method == "hsdclip":
             args.append(f"lambda={self.lam!r}")
-        return f"{self.method}:{','.join(args)}"
+        return f"{self.method}:{','.join(args)}" if args else self.method
 
 
 def parse_clip(text: str) -> ClipSpec:
@@ -171,7 +179,8 @@ def _sdclip_spec(text: str, method: str, values: dict[str, float]) -> ClipSpec:
     # Unnamed roles follow an explicit default, else the record's per-role constants.
     table = dict(values) if "default" in values else {**RECORD_K, **values}
     k = tuple((role, table[role]) for role in _K_KEYS if role in table)
-    return ClipSpec(method, k=k, lam=lam if method == "hsdclip" else 0.0)
+    record_keys = tuple(role for role, _ in k if role not in values)
+    return ClipSpec(method, k=k, lam=lam if method == "hsdclip" else 0.0, record_keys=record_keys)
 
 
 def round_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -211,20 +220,21 @@ def row_scales(w: torch.Tensor, bits: int, spec: ClipSpec, hessian: torch.Tensor
         return _mse_scales(w, bits, spec)
     if spec.method == "size":
         return _size_scales(w, bits, spec, hessian)
-    return fp16_scales(_clip(w, spec, hessian, role) / qmax(bits))
+    return fp16_scales(_clip(w, spec, hessian, role, bits) / qmax(bits))
 
 
 def fp16_scales(s: torch.Tensor) -> torch.Tensor:
     return s.float().clamp(SCALE_MIN, SCALE_MAX).to(torch.float16)
 
 
-def _clip(w: torch.Tensor, spec: ClipSpec, hessian: torch.Tensor | None, role: str | None) -> torch.Tensor:
+def _clip(w: torch.Tensor, spec: ClipSpec, hessian: torch.Tensor | None, role: str | None,
+          bits: int) -> torch.Tensor:
     a = w.abs()
     if spec.method == "amax":
         return a.amax(dim=-1)
     if spec.method == "pct":
         return _row_percentile(a, spec.percentile / 100.0)
-    clip = spec.k_for(role) * _row_std(w)
+    clip = spec.k_for(role, bits) * _row_std(w)
     if spec.method == "sdclip":
         return clip
     if hessian is None:

@@ -1,0 +1,204 @@
+"""rANS codes coder (golfquant.codec.rans) and entropy bounds (golfquant.codec.entropy)."""
+from __future__ import annotations
+
+import zlib
+
+import brotli
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from golfquant.codec import entropy, rans
+from golfquant.codec.rans import decode_codes, encode_codes, estimate_encoded_bytes
+from golfquant.errors import ArtifactError, OptionError
+
+
+def qmax(bits):
+    return 2 ** (bits - 1) - 1
+
+
+def t_codes(rng, shape, bits, width, nu=4):
+    r = qmax(bits)
+    return np.clip(np.rint(rng.standard_t(nu, shape) * width), -r, r).astype(np.int8)
+
+
+def roundtrip(q, bits):
+    blob = encode_codes(q, bits)
+    out = decode_codes(blob, q.shape, bits)
+    assert out.dtype == np.int8 and out.shape == q.shape
+    np.testing.assert_array_equal(out, q)
+    return blob
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0), (1, 1), (1, 37), (41, 1), (7, 13), (2, 3, 5), ()])
+def test_roundtrip_shapes_and_widths(bits, shape):
+    rng = np.random.default_rng(bits)
+    r = qmax(bits)
+    roundtrip(rng.integers(-r, r + 1, shape).astype(np.int8), bits)
+    roundtrip(t_codes(rng, shape, bits, width=max(r / 8, 0.3)), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_roundtrip_structured(bits):
+    rng = np.random.default_rng(0)
+    r = qmax(bits)
+    cases = [
+        np.zeros((9, 11), np.int8),
+        np.full((4, 6), r, np.int8),
+        np.full((4, 6), -r, np.int8),
+        np.tile(np.arange(-r, r + 1, dtype=np.int8), (3, 2)),  # every symbol, uniform
+        # rows of very different spread, columns of very different spread
+        np.clip(np.rint(rng.standard_normal((30, 50)) * np.geomspace(0.01, r, 30)[:, None]), -r, r).astype(np.int8),
+        np.clip(np.rint(rng.standard_normal((30, 50)) * np.geomspace(0.01, r, 50)[None, :]), -r, r).astype(np.int8),
+    ]
+    base = t_codes(rng, (1, 64), bits, r / 4)
+    cases.append(np.clip(base + (rng.random((40, 64)) < 0.03), -r, r).astype(np.int8))  # near-duplicate rows
+    for q in cases:
+        roundtrip(q, bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 12), st.integers(1, 40), st.integers(0, 2**32 - 1), st.floats(0.05, 40))
+def test_roundtrip_hypothesis(bits, rows, cols, seed, width):
+    rng = np.random.default_rng(seed)
+    roundtrip(t_codes(rng, (rows, cols), bits, width, nu=3), bits)
+
+
+def test_deterministic_bytes():
+    q = t_codes(np.random.default_rng(1), (64, 96), 6, 2.4)
+    assert encode_codes(q, 6) == encode_codes(q.copy(), 6)
+
+
+def test_iid_codes_land_within_one_percent_of_entropy_plus_model():
+    """Codes drawn from a known law: coded bytes <= 1.01 x (n H / 8 + header + lane states)."""
+    rng = np.random.default_rng(2)
+    bits, r = 6, 31
+    support = np.arange(-r, r + 1)
+    p = np.exp(-np.abs(support) / 2.5)
+    p /= p.sum()
+    q = rng.choice(support, size=(256, 256), p=p).astype(np.int8)
+    blob = roundtrip(q, bits)
+    ideal = q.size * float(-(p * np.log2(p)).sum()) / 8
+    overhead = 4 * rans._lanes(q.size) + 16  # lane states + a header with at most a small table
+    assert len(blob) <= 1.01 * (ideal + overhead)
+    assert len(blob) <= 1.01 * (entropy.order0_bits(q) / 8 + 4 * rans._lanes(q.size) + 200)
+
+
+def test_estimate_is_close():
+    rng = np.random.default_rng(3)
+    for bits, width in [(4, 0.8), (6, 2.4), (8, 12.0)]:
+        q = t_codes(rng, (128, 256), bits, width)
+        assert abs(estimate_encoded_bytes(q, bits) / len(encode_codes(q, bits)) - 1) < 0.005
+    assert estimate_encoded_bytes(np.zeros((0, 4), np.int8), 4) == len(encode_codes(np.zeros((0, 4), np.int8), 4))
+
+
+def test_frozen_size_model_prices_pruned_codes():
+    rng = np.random.default_rng(9)
+    q = t_codes(rng, (128, 256), 6, 2.4)
+    model = rans.fit_size_model(q, 6)
+    assert model.estimate(q) == pytest.approx(model.estimated_bytes)
+    pruned = q.copy()
+    pruned[(np.abs(q) == 1) & (rng.random(q.shape) < 0.05)] = 0
+    real = len(encode_codes(pruned, 6))
+    assert real < len(encode_codes(q, 6))
+    assert abs(model.estimate(pruned) / real - 1) < 0.005
+    with pytest.raises(OptionError):
+        model.estimate(q[:, :255])
+
+
+def test_row_and_column_spread_beat_order0_and_brotli():
+    """Per-row amax codes with input-channel spread: the context model beats order-0 entropy and brotli-11."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(4, (256, 256)) * np.exp(rng.normal(0, 0.5, 256))[None, :]
+    q = np.clip(np.rint(w / (np.abs(w).max(1, keepdims=True) / 31)), -31, 31).astype(np.int8)
+    n = len(roundtrip(q, 6))
+    assert n < 0.97 * entropy.order0_bits(q) / 8
+    assert n < 0.97 * len(brotli.compress(q.tobytes(), quality=11, lgwin=24))
+
+
+def test_near_duplicate_rows_are_predicted():
+    rng = np.random.default_rng(5)
+    base = t_codes(rng, (1, 256), 8, 20.0)
+    rows = [t_codes(rng, (1, 256), 8, 20.0) for _ in range(20)]
+    rows += [np.clip(base + (rng.random((1, 256)) < 0.02), -127, 127).astype(np.int8) for _ in range(60)]
+    q = np.concatenate(rows)[rng.permutation(80)]
+    n = len(roundtrip(q, 8))
+    assert encode_codes(q, 8)[5] == 3  # the split kind (after version and CRC)
+    assert n < 0.5 * entropy.order0_bits(q) / 8
+
+
+def test_damaged_blobs_raise_artifact_error_only():
+    rng = np.random.default_rng(6)
+    base = t_codes(rng, (1, 40), 4, 2.0)
+    cases = [
+        (t_codes(rng, (24, 40), 6, 2.4), 6),
+        (np.clip(base + (rng.random((30, 40)) < 0.05), -7, 7).astype(np.int8), 4),
+        (rng.integers(-127, 128, (6, 70)).astype(np.int8), 8),
+        (np.array([[1]], np.int8), 2),
+    ]
+    raised = 0
+    for q, bits in cases:
+        blob = encode_codes(q, bits)
+        for trial in range(120):
+            b = bytearray(blob)
+            if trial % 3 == 0:
+                b[rng.integers(len(b))] ^= 1 << int(rng.integers(8))
+            elif trial % 3 == 1:
+                b = b[: rng.integers(len(b))]
+            else:
+                b[rng.integers(len(b))] = int(rng.integers(256))
+            with pytest.raises(ArtifactError):
+                decode_codes(bytes(b), q.shape, bits)
+            raised += 1
+    assert raised == 4 * 120
+    for trial in range(300):  # forged bodies behind a valid CRC: the parser itself must reject them
+        body = bytes([trial % 4]) + rng.integers(0, 256, trial % 40, dtype=np.uint8).tobytes()
+        junk = bytes([rans.VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
+        with pytest.raises(ArtifactError):
+            decode_codes(junk, (5, 9), 4)
+    with pytest.raises(ArtifactError):
+        decode_codes(encode_codes(cases[0][0], 6) + b"\0\0", cases[0][0].shape, 6)
+
+
+def test_wrong_shape_or_bits_is_artifact_error():
+    q = t_codes(np.random.default_rng(7), (16, 16), 6, 2.4)
+    blob = encode_codes(q, 6)
+    with pytest.raises(ArtifactError):
+        decode_codes(blob, (16, 17), 6)
+    with pytest.raises(ArtifactError):
+        decode_codes(blob, (0, 16), 6)
+    with pytest.raises(ArtifactError):
+        decode_codes(blob, (16, 16), 9)
+    with pytest.raises(ArtifactError):
+        decode_codes(b"", (16, 16), 6)
+
+
+def test_bad_input_is_option_error():
+    with pytest.raises(OptionError):
+        encode_codes(np.array([[8]], np.int8), 4)
+    with pytest.raises(OptionError):
+        encode_codes(np.zeros((2, 2), np.int16), 4)
+    with pytest.raises(OptionError):
+        encode_codes(np.zeros((2, 2), np.int8), 1)
+
+
+def test_tables_are_valid_distributions():
+    for bits in (2, 5, 8):
+        for nu_i in range(len(rans._NUS)):
+            f = rans._parametric_freq(bits, nu_i)
+            assert (f.sum(axis=1) == 2**16).all() and (f >= 1).all()
+
+
+def test_entropy_bounds():
+    q = np.array([[0, 0, 1, 1], [2, 2, 2, 2]], np.int8)
+    assert entropy.order0_bits(q) == pytest.approx(8 * 1.5)  # p = 1/4, 1/4, 1/2
+    assert entropy.row_conditional_bits(q) == pytest.approx(4.0)  # one bit per code in row 0, none in row 1
+    assert entropy.column_conditional_bits(q) == pytest.approx(4 * 2 * 1.0)
+    b = entropy.bytes_bound(q)
+    assert (b.order0, b.rows, b.cols) == pytest.approx((1.5, 0.5, 1.0))
+    assert entropy.order0_bits(np.zeros((0, 3), np.int8)) == 0.0
+    rng = np.random.default_rng(8)
+    w = np.clip(np.rint(rng.standard_t(4, (32, 64)) * np.linspace(0.2, 8, 32)[:, None]), -31, 31).astype(np.int8)
+    assert entropy.row_conditional_bits(w) < 0.95 * entropy.order0_bits(w)
