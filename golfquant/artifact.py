@@ -20,6 +20,7 @@ import torch
 
 from golfquant.atomic import atomic_write_bytes
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compress, compress_best, decompress
+from golfquant.codec.sizemodel import RANS, byte_entropy, estimate_codes_section, estimate_stream_bytes
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, pack_codes, packed_length, unpack_codes
 from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
@@ -133,29 +134,58 @@ def _smallest(candidates: list[_Section]) -> _Section:
     return min(candidates, key=lambda s: len(s.blob))  # min keeps the first of equal sizes: deterministic
 
 
+# Sections up to this many packed bytes are encoded with every candidate (cheap); larger ones only with the
+# _FAST_TRIES best candidates by golfquant.codec.sizemodel's estimates, unless exhaustive.
+_EXHAUSTIVE_BELOW = 16384
+_FAST_TRIES = 2
+
+
 def _encode_codes(kind_name: str, codes: torch.Tensor, bits: int, byte_codecs: list[str], codes_codecs: list[str],
-                  layouts: Iterable[str] | None) -> _Section:
-    """Every (layout x byte codec) pair and every codes codec; the smallest encoding wins."""
+                  layouts: Iterable[str] | None, exhaustive: bool = False) -> _Section:
+    """The smallest encoding over (layout x byte codec) pairs and codes codecs: of all of them for small sections
+    or when exhaustive, else of the best predicted ones (and of any codes codec that has no estimator)."""
     arr = codes.detach().cpu().numpy()
-    allowed = [name for name in layouts_for(bits, arr.ndim) if layouts is None or name in layouts]
-    candidates, seen = [], set()
-    for layout in allowed:
-        packed = pack_codes(arr, bits, layout)
-        if packed in seen:  # e.g. nibble and planes are the same bytes at 4 bits
-            continue
-        seen.add(packed)
-        candidates += [_Section("codes", kind_name, c, layout, len(packed), compress(packed, c)) for c in byte_codecs]
-    for name in codes_codecs:
-        candidates.append(_Section("codes", kind_name, name, None, arr.size, CODES_CODECS[name].encode(arr, bits)))
-    if not candidates:
+    est = estimate_codes_section(arr, bits, byte_codecs, codes_codecs, layouts)
+    if not est.bytes:
+        allowed = [name for name in layouts_for(bits, arr.ndim) if layouts is None or name in layouts]
         raise OptionError(f"no layout/codec pair to encode '{kind_name}': allow one of {', '.join(allowed or LAYOUTS)}")
-    return _smallest(candidates)
+    everything = exhaustive or max(map(len, est.streams.values()), default=arr.size) <= _EXHAUSTIVE_BELOW
+    candidates, estimated = [], 0
+    for codec, layout in (list(est.bytes) if everything else est.ranked()):
+        if not everything and est.bytes[(codec, layout)] is not None:
+            if estimated == _FAST_TRIES:
+                continue
+            estimated += 1
+        if layout is None:
+            blob = est.rans_model.encode() if codec == RANS and est.rans_model is not None \
+                else CODES_CODECS[codec].encode(arr, bits)
+            candidates.append(_Section("codes", kind_name, codec, None, arr.size, blob))
+        else:
+            packed = est.streams[layout]
+            candidates.append(_Section("codes", kind_name, codec, layout, len(packed), compress(packed, codec)))
+    return _smallest(_in_registry_order(candidates, byte_codecs, codes_codecs))
 
 
-def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str]) -> _Section:
+def _in_registry_order(candidates: list[_Section], byte_codecs: list[str], codes_codecs: list[str]
+                       ) -> list[_Section]:
+    """Layout-major, then byte codecs, then codes codecs: equal sizes resolve the same way in every mode."""
+    layout_rank = {name: i for i, name in enumerate(LAYOUTS)}
+    codec_rank = {name: i for i, name in enumerate([*byte_codecs, *codes_codecs])}
+    return sorted(candidates, key=lambda s: (s.layout is None, layout_rank.get(s.layout, 0), codec_rank[s.codec]))
+
+
+def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str],
+                  exhaustive: bool = False) -> _Section:
+    """Plain and byte-shuffled layouts x byte codecs; past _EXHAUSTIVE_BELOW only the best predicted pairs."""
     layouts = ["bytes"] + ([f"shuffle{itemsize}"] if itemsize > 1 else [])
-    return _smallest([_Section(kind, name, c, layout, len(raw), compress(_apply_byte_layout(raw, layout), c))
-                      for layout in layouts for c in byte_codecs])
+    streams = {layout: _apply_byte_layout(raw, layout) for layout in layouts}
+    pairs = [(layout, c) for layout in layouts for c in byte_codecs]
+    if not exhaustive and len(raw) > _EXHAUSTIVE_BELOW:
+        entropy = {layout: byte_entropy(data) for layout, data in streams.items()}
+        ranked = sorted(range(len(pairs)), key=lambda i: (
+            estimate_stream_bytes(streams[pairs[i][0]], pairs[i][1], entropy[pairs[i][0]]), i))
+        pairs = [pairs[i] for i in sorted(ranked[:_FAST_TRIES])]
+    return _smallest([_Section(kind, name, c, layout, len(raw), compress(streams[layout], c)) for layout, c in pairs])
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
@@ -205,8 +235,12 @@ def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
 
 def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor | torch.Tensor],
                    plan: Mapping[str, TensorPlan | str] | None, meta: Mapping[str, Any] | None = None,
-                   codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None) -> ArtifactInfo:
+                   codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None,
+                   exhaustive: bool = False) -> ArtifactInfo:
     """Write `tensors` atomically; the same input gives the same bytes.
+
+    Each section of more than 16 KiB is compressed only with the two candidates (layout x codec) that
+    golfquant.codec.sizemodel predicts smallest; exhaustive=True compresses every candidate (minutes at 16 MB).
 
     plan: name -> TensorPlan (role, scheme, original dtype; float tensors are cast to the scheme's dtype), or
     name -> role string, or None (roles from names, tensors stored as given). codecs: byte and/or codes codec names to
@@ -241,7 +275,7 @@ def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTenso
         return ref
 
     def add_codes(kind_name: str, codes: torch.Tensor, bits: int) -> int:
-        sections.append(_encode_codes(kind_name, codes, bits, byte_codecs, codes_codecs, layouts))
+        sections.append(_encode_codes(kind_name, codes, bits, byte_codecs, codes_codecs, layouts, exhaustive))
         return len(sections) - 1
 
     for name, value in tensors.items():
@@ -268,11 +302,12 @@ def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTenso
 
     scales_index = len(sections)
     if scales_raw:
-        sections.append(_encode_bytes("scales", "scales", b"".join(scales_raw), _SCALE_BYTES, byte_codecs))
+        sections.append(_encode_bytes("scales", "scales", b"".join(scales_raw), _SCALE_BYTES, byte_codecs, exhaustive))
     data_index = {}
     for size in sorted(data_raw):
         data_index[size] = len(sections)
-        sections.append(_encode_bytes("data", f"data:{size}", b"".join(data_raw[size]), size, byte_codecs))
+        sections.append(_encode_bytes("data", f"data:{size}", b"".join(data_raw[size]), size, byte_codecs,
+                                      exhaustive))
     for entry in entries:  # the shared sections' indexes are known only now
         if entry["kind"] == "float":
             entry["data"]["section"] = data_index[entry["data"]["section"]]
@@ -439,6 +474,7 @@ def _check_codes_ref(sections: list, index: Any, shape: tuple[int, ...], bits: i
 
 
 def _check_span(sections: list, ref: Any, nbytes: int, kind: str, where: str) -> None:
+    _check_keys(ref, {"section", "offset"} | ({"dtype"} if kind == "data" else set()), where)
     s = _section_of(sections, _get(ref, "section", where, int), kind, f"{where}.section")
     offset = _get_int(ref, "offset", where)
     if offset + nbytes > s["raw_length"]:

@@ -10,13 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from golfquant.errors import OptionError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise OptionError(f"{target}: is a folder; give the path of a file to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:  # e.g. a parent that is a file, or a folder we may not write to
+        raise OptionError(f"cannot write {target}: {e.strerror or e} (in {target.parent})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -52,7 +52,8 @@ def stage_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=status_console) as prog:
+    # Only on a terminal: piped stderr must carry nothing but an error line.
+    with Progress(*columns, console=status_console, disable=not status_console.is_terminal) as prog:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -80,8 +81,17 @@ def print_quantize_summary(summary: dict) -> None:
         ("artifact bytes", fmt_bytes(summary["artifact_bytes"])),
         ("code bytes", fmt_bytes(summary["code_bytes"])),
         ("total bytes", fmt_bytes(total)),
-        ("headroom vs 16,000,000", fmt_bytes(CAP_BYTES - total)),
     ]
+    budget = summary.get("budget") or CAP_BYTES
+    rows.append((f"headroom vs {budget:,}", fmt_bytes(budget - total)))
+    if summary.get("budget"):
+        rows.append(("budget used", f"{100 * summary['budget_used']:.2f}%"))
+        rows.append(("pruned ±1 codes", fmt_bytes(summary["pruned_codes"])))
+    if summary.get("allocation"):
+        alloc = [(a["name"], f"int{a['bits']}", a["clip"], "allocated" if a["free"] else "fixed by flags")
+                 for a in summary["allocation"]]
+        console.print(table(f"allocation to the budget ({summary['allocation_rounds']} compress rounds)",
+                            ["tensor", "width", "clip", "how"], alloc))
     console.print(table("quantize", ["", "value"], rows, right=["value"]))
 
 
@@ -96,23 +106,31 @@ def print_roundtrip(r: dict) -> None:
     console.print(table(title, ["model", "val_loss", "val_bpb"], rows, right=["val_loss", "val_bpb"]))
 
 
+def _opt(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def print_size_report(r: dict) -> None:
     rows = []
     for t in r["tensors"]:
-        entropy = f"{t['entropy_bytes']:,.0f}" if t.get("entropy_bytes") is not None else ""
-        over = f"{t['overhead_pct']:+.1f}%" if t.get("overhead_pct") is not None else ""
         rows.append((t["name"], "×".join(map(str, t["shape"])), t["scheme"], fmt_bytes(t["elements"]),
-                     fmt_bytes(t["raw_bytes"]), fmt_bytes(t["compressed_bytes"]), f"{t['bits_per_weight']:.2f}",
-                     entropy, over, t["codec"], t["layout"] or ""))
-    console.print(table("tensors", ["tensor", "shape", "scheme", "elements", "raw B", "compressed B", "bits/w",
-                                    "entropy B", "vs entropy", "codec", "layout"], rows,
-                        right=["elements", "raw B", "compressed B", "bits/w", "entropy B", "vs entropy"]))
-    groups = [(g["role"], g["tensors"], fmt_bytes(g["elements"]), fmt_bytes(g["raw_bytes"]),
-               fmt_bytes(g["compressed_bytes"]), f"{g['bits_per_weight']:.2f}", f"{g['entropy_bytes']:,.0f}")
-              for g in r["groups"]]
-    console.print(table("role groups", ["role", "tensors", "elements", "raw B", "compressed B", "bits/w",
-                                        "entropy B"], groups,
-                        right=["tensors", "elements", "raw B", "compressed B", "bits/w", "entropy B"]))
+                     fmt_bytes(t["compressed_bytes"]), f"{t['bits_per_weight']:.2f}", fmt_bytes(t["codes_bytes"]),
+                     _opt(t.get("entropy_bytes"), ",.0f"), _opt(t.get("overhead_pct"), "+.1f"),
+                     _opt(t.get("row_entropy_bytes"), ",.0f"), _opt(t.get("row_overhead_pct"), "+.1f"),
+                     t["codec"], t["layout"] or ""))
+    right = ["elements", "compressed B", "bits/w", "codes B", "H0 B", "vs H0 %", "row-H B", "vs row-H %"]
+    console.print(table("tensors (H0: order-0 entropy of the codes; row-H: per-row conditional entropy)",
+                        ["tensor", "shape", "scheme", "elements", "compressed B", "bits/w", "codes B", "H0 B",
+                         "vs H0 %", "row-H B", "vs row-H %", "codec", "layout"], rows, right=right))
+    groups = [(g["role"], g["tensors"], fmt_bytes(g["elements"]), fmt_bytes(g["compressed_bytes"]),
+               f"{g['bits_per_weight']:.2f}", fmt_bytes(g["codes_bytes"]), f"{g['entropy_bytes']:,.0f}",
+               _opt(g["overhead_pct"], "+.1f"), f"{g['row_entropy_bytes']:,.0f}") for g in r["groups"]]
+    console.print(table("role groups", ["role", "tensors", "elements", "compressed B", "bits/w", "codes B", "H0 B",
+                                        "vs H0 %", "row-H B"], groups,
+                        right=["tensors", "elements", "compressed B", "bits/w", "codes B", "H0 B", "vs H0 %",
+                               "row-H B"]))
+    if r.get("compare_codecs"):
+        print_compare_codecs(r["compare_codecs"])
     headroom = r["headroom_bytes"]
     style = "green" if headroom >= 0 else "bold red"
     totals = [
@@ -124,4 +142,26 @@ def print_size_report(r: dict) -> None:
         ("budget", fmt_bytes(r["budget"])),
         ("headroom", f"[{style}]{headroom:,}[/{style}]"),
     ]
+    if r.get("entropy_bytes"):
+        totals.insert(2, ("codes vs order-0 entropy", f"{fmt_bytes(r['codes_bytes'])} vs {r['entropy_bytes']:,.0f} "
+                                                      f"({r['overhead_pct']:+.2f}%)"))
     console.print(table(f"submission size: {r['artifact']}", ["", "bytes"], totals, right=["bytes"]))
+
+
+def print_compare_codecs(rows: list[dict]) -> None:
+    """One line per codes section and layout, one column per codec; * = written, bold = the section's smallest."""
+    codecs = list(dict.fromkeys(k.partition("/")[0] for r in rows for k in r["sizes"]))
+    body = []
+    for r in rows:
+        best = min(r["sizes"].values())
+        layouts = list(dict.fromkeys(k.partition("/")[2] for k in r["sizes"]))
+        for i, layout in enumerate(layouts):
+            cells = []
+            for codec in codecs:
+                key = f"{codec}/{layout}" if layout else codec
+                size = r["sizes"].get(key)
+                text = "" if size is None else f"{size:,}" + ("*" if key == r["chosen"] else "")
+                cells.append(f"[bold]{text}[/bold]" if size == best else text)
+            body.append((r["name"] if i == 0 else "", f"int{r['bits']}" if i == 0 else "", layout or "(codes)", *cells))
+    console.print(table("codes sections: bytes per codec and layout (* = written, bold = smallest)",
+                        ["tensor", "bits", "layout", *codecs], body, right=codecs))

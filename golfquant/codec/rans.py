@@ -217,25 +217,26 @@ def _rans_decode(data: memoryview, n: int, cls: np.ndarray, freq: np.ndarray) ->
         raise ArtifactError("rANS lane state out of range; the artifact is damaged")
     freq = _with_padding_class(freq)
     pad = freq.shape[0] - 1
-    used, pos = np.unique(np.concatenate([cls, [pad]]), return_inverse=True)
-    pos = pos[:-1]
+    # Per-element arrays stay one byte wide (class < 256, symbol < 256): a tiny stream may declare many elements.
+    used = np.union1d(np.unique(cls), [pad])
+    remap = np.zeros(pad + 1, np.uint8)
+    remap[used] = np.arange(len(used), dtype=np.uint8)
+    pos_flat = np.full(steps * lanes, len(used) - 1, np.uint8)
+    pos_flat[:n] = remap[cls]
+    pos_flat = pos_flat.reshape(steps, lanes)
     sub = freq[used]
     nsym = sub.shape[1]
     lut = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(used)), sub.ravel())
-    pos_flat = np.full(steps * lanes, len(used) - 1, np.int64)
-    pos_flat[:n] = pos
-    pos_flat = pos_flat.reshape(steps, lanes)
-    lut_base = pos_flat * _M
-    sym_base = pos_flat * nsym
     f_flat = sub.ravel().astype(np.uint64)
     c_flat = (np.cumsum(sub, axis=1) - sub).ravel().astype(np.uint64)
-    out = np.empty((steps, lanes), np.int64)
+    out = np.empty((steps, lanes), np.uint8)
     mask16 = np.uint64(0xFFFF)
     at, total = 0, words.size
     for t in range(steps):
+        row = pos_flat[t].astype(np.int64)
         slot = x & mask16
-        s = lut[lut_base[t] + slot.astype(np.int64)]
-        i = sym_base[t] + s
+        s = lut[row * _M + slot.astype(np.int64)]
+        i = row * nsym + s
         x = f_flat[i] * (x >> np.uint64(16)) + slot - c_flat[i]
         m = x < _LOW
         k = int(np.count_nonzero(m))
@@ -285,7 +286,7 @@ def _encode_values(v: np.ndarray) -> bytes:
 def _decode_values(r: _Reader, n: int) -> np.ndarray:
     freq = _read_table(r, 256)
     stream = r.take(r.varint())
-    return _rans_decode(stream, n, np.zeros(n, np.int64), freq[None])
+    return _rans_decode(stream, n, np.zeros(n, np.uint8), freq[None]).astype(np.int16)
 
 
 # ---------------------------------------------------------------- model choice
@@ -447,16 +448,17 @@ def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
         if flags > 3 or nu_i >= len(_NUS):
             raise ArtifactError("rANS model header out of range; the artifact is damaged")
         shift = int.from_bytes(r.take(2), "little", signed=True)
-        a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int64)
-        b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int64)
-        cls = np.clip((a[:, None] + b[None, :]).ravel() + shift, 0, _K - 1)
+        a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int16)
+        b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int16)
+        a16, b16 = np.clip(a + shift, -_K, 2 * _K).astype(np.int16), np.clip(b, -_K, 2 * _K).astype(np.int16)
+        cls = np.clip(a16[:, None] + b16[None, :], 0, _K - 1).astype(np.uint8).ravel()
         sym = _rans_decode(r.rest(), n, cls, _parametric_freq(bits, nu_i))
     elif kind == _KIND_ORDER0:
         freq = _read_table(r, 2 * qm + 1)
-        sym = _rans_decode(r.rest(), n, np.zeros(n, np.int64), freq[None])
+        sym = _rans_decode(r.rest(), n, np.zeros(n, np.uint8), freq[None])
     else:
         raise ArtifactError(f"rANS blob kind {kind} is unknown or misplaced; the artifact is damaged")
-    return (sym - qm).reshape(rows, cols)
+    return (sym - np.uint8(qm)).view(np.int8).reshape(rows, cols)  # wraps to the signed code
 
 
 # ---------------------------------------------------------------- near-duplicate rows
@@ -519,7 +521,7 @@ def _decode_refs(r: _Reader, rows: int) -> np.ndarray:
     k = int(has.sum())
     if not 0 < k < rows:
         raise ArtifactError("rANS row references are malformed; the artifact is damaged")
-    dist = _decode_values(r, k) + (_decode_values(r, k) << 8)
+    dist = _decode_values(r, k).astype(np.int32) + (_decode_values(r, k).astype(np.int32) << 8)
     ref = np.full(rows, -1, np.int64)
     ref[has] = np.flatnonzero(has) - dist
     if (ref[has] < 0).any() or (dist == 0).any():
@@ -665,12 +667,12 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
             raise ArtifactError(f"rANS blob does not hold an empty tensor of shape {shape}; the artifact is damaged")
         return np.zeros(shape, np.int8)
     if r.data[r.pos:r.pos + 1] != bytes([_KIND_SPLIT]):
-        return _decode_plain(r, rows, cols, bits).astype(np.int8).reshape(shape)
+        return _decode_plain(r, rows, cols, bits).reshape(shape)
     r.u8()
     ref = _decode_refs(r, rows)
     has = ref >= 0
     sub = _Reader(r.take(r.varint()))
-    q = np.empty((rows, cols), np.int64)
+    q = np.empty((rows, cols), np.int16)
     nroots = rows - int(has.sum())
     q[~has] = _decode_plain(sub, nroots, cols, bits)
     q[has] = _decode_plain(r, rows - nroots, cols, bits)
