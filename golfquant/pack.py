@@ -12,19 +12,10 @@ import torch
 
 from golfquant.errors import ArtifactError
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, qmax
+from kernels.dequant import plane_widths  # the kernels decode the same planes; one definition
 
 BASE_LAYOUTS = ("int8", "nibble", "planes")
 LAYOUTS = BASE_LAYOUTS + tuple(f"{name}.T" for name in BASE_LAYOUTS)
-
-
-def plane_widths(bits: int) -> tuple[int, ...]:
-    """Greedy split of `bits` into planes of width 4, 2, 1 (6 -> 4+2, 7 -> 4+2+1, 8 -> 4+4); low bits first."""
-    widths, rest = [], bits
-    for w in (4, 2, 1):
-        while rest >= w:
-            widths.append(w)
-            rest -= w
-    return tuple(widths)
 
 
 def layouts_for(bits: int, ndim: int = 2) -> tuple[str, ...]:
