@@ -4,14 +4,19 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from golfquant.checkpoint import load_checkpoint
-from golfquant.data import DOC_SEPARATOR, build_dataset
-from golfquant.errors import DataError, OptionError
+from golfquant.data import DOC_SEPARATOR, build_dataset, write_shard
+from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.model import GPT, GPTConfig
+from golfquant.quant.clip import parse_clip
+from golfquant.quant.rtn import quantize_rtn
 from golfquant.train import TrainConfig, apply_overrides, export_state_dict, preset, train, zeropower_via_newtonschulz5
-from golfquant.train.loop import lr_scale
-from golfquant_cli.train_cmd import train as train_command
+from golfquant.train.distributed import DistEnv
+from golfquant.train.loop import TokenStream, lr_scale, next_step_exceeds_cap, training_fraction
+from golfquant.train.qat import attach_qat, fake_quantize, parse_qat, parse_qat_clip, refresh_qat, set_qat
+from golfquant_cli.train_cmd import quantize_default_clip, train as train_command
 
 VOCAB = 320
 MICRO_MODEL = dict(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=32)
@@ -31,11 +36,11 @@ def data_dir(tmp_path_factory):
     return root / "data"
 
 
-def run(data_dir, out, model_kw=None, train_kw=None, progress=None):
+def run(data_dir, out, model_kw=None, train_kw=None, progress=None, resume=None):
     model = GPTConfig(**{**MICRO_MODEL, **(model_kw or {})})
     cfg = TrainConfig(**{**MICRO_TRAIN, **(train_kw or {})})
     return train(model, cfg, str(data_dir / "fineweb_train_*.bin"), str(data_dir / "fineweb_val_*.bin"),
-                 data_dir / "tokenizer.model", out, progress=progress)
+                 data_dir / "tokenizer.model", out, progress=progress, resume=resume)
 
 
 def test_training_reduces_loss_and_writes_a_strict_loadable_checkpoint(data_dir, tmp_path):
@@ -133,3 +138,193 @@ def test_cli_json(data_dir, tmp_path):
     out = json.loads(res.output)
     assert out["result"]["steps"] == 2 and out["model"]["model_dim"] == 32
     assert load_checkpoint(tmp_path / "cli.pt").state_dict["blocks.1.mlp.fc.weight"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- resume, wallclock, EMA
+@pytest.mark.parametrize("extra_kw", [{}, {"ema_decay": 0.9, "qat": "mlp=int4", "qat_start": 0.5,
+                                           "save_dtype": "bfloat16"}], ids=["plain", "ema_qat"])
+def test_resume_continues_steps_schedule_and_weights_exactly(data_dir, tmp_path, extra_kw):
+    kw = dict(steps=6, warmdown_steps=3, muon_momentum_warmup_steps=4, val_every=0, **extra_kw)
+    whole, first, second = [], [], []
+    run(data_dir, tmp_path / "whole.pt", train_kw=kw, progress=whole.append)
+    run(data_dir, tmp_path / "half.pt", train_kw={**kw, "stop_step": 3}, progress=first.append)
+    assert load_checkpoint(tmp_path / "half.pt").extra["steps"] == 3
+    run(data_dir, tmp_path / "resumed.pt", train_kw=kw, progress=second.append, resume=tmp_path / "half.pt")
+    assert [e.step for e in first + second] == [1, 2, 3, 4, 5, 6]
+    # fp32 on one CPU process: the resumed run is bit-identical (loss, LR, momentum/QAT schedule, weights)
+    trace = [(e.train_loss, e.lr_scale, e.qat) for e in whole]
+    assert [(e.train_loss, e.lr_scale, e.qat) for e in first + second] == trace
+    assert len({e.lr_scale for e in whole}) > 2  # the warmdown falls inside the resumed half
+    if "qat" in extra_kw:
+        assert [e.qat for e in whole] == [False, False, False, True, True, True]
+    a, b = (load_checkpoint(tmp_path / n).state_dict for n in ("whole.pt", "resumed.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_model_or_finished_run(data_dir, tmp_path):
+    run(data_dir, tmp_path / "m.pt", train_kw={"steps": 2, "val_every": 0})
+    with pytest.raises(CheckpointError, match="model_dim"):
+        run(data_dir, tmp_path / "x.pt", model_kw={"model_dim": 64}, train_kw={"steps": 4}, resume=tmp_path / "m.pt")
+    with pytest.raises(OptionError, match="already at step 2"):
+        run(data_dir, tmp_path / "x.pt", train_kw={"steps": 2}, resume=tmp_path / "m.pt")
+    run(data_dir, tmp_path / "lean.pt", train_kw={"steps": 1, "resumable": False})
+    with pytest.raises(CheckpointError, match="no resume state"):
+        run(data_dir, tmp_path / "x.pt", train_kw={"steps": 4}, resume=tmp_path / "lean.pt")
+
+
+def test_wallclock_cap_stops_and_writes_a_loadable_checkpoint(data_dir, tmp_path):
+    events = []
+    result = run(data_dir, tmp_path / "cap.pt", train_kw={"steps": 100_000, "max_wallclock_seconds": 0.4,
+                                                           "val_every": 0}, progress=events.append)
+    assert result.stopped_by_wallclock and 1 <= result.steps < 100_000
+    assert result.train_seconds <= 0.4 + 2 * result.train_seconds / result.steps  # stopped at the predicted step
+    assert events[-1].lr_scale < 1.0  # the time-based warmdown had started
+    ckpt = load_checkpoint(tmp_path / "cap.pt")
+    GPT(GPTConfig.from_dict(ckpt.config)).load_state_dict(ckpt.state_dict, strict=True)
+    assert ckpt.extra["stopped_by_wallclock"] and ckpt.extra["resume"]["train_seconds"] > 0
+
+
+def test_cap_and_fraction_rules():
+    cfg = TrainConfig(steps=100, max_wallclock_seconds=10.0)
+    assert not next_step_exceeds_cap(0, 0.0, cfg)  # no estimate before the first step
+    assert not next_step_exceeds_cap(4, 8.0, cfg)  # 2 s/step: 8 + 2 = 10 is still within the cap
+    assert next_step_exceeds_cap(5, 9.0, cfg)  # 9 + 1.8 > 10
+    assert not next_step_exceeds_cap(10**6, 10**6, TrainConfig())  # no cap
+    assert training_fraction(50, 9.0, cfg) == pytest.approx(0.9)  # the clock leads
+    assert training_fraction(50, 1.0, cfg) == pytest.approx(0.5)  # the step count leads
+
+
+def test_ema_checkpoint_holds_the_average(data_dir, tmp_path):
+    run(data_dir, tmp_path / "ema.pt", train_kw={"steps": 1, "ema_decay": 0.25, "val_every": 0,
+                                                 "save_dtype": "float32"})
+    ckpt = load_checkpoint(tmp_path / "ema.pt")
+    torch.manual_seed(TrainConfig().seed)  # the run's seed: its initial weights
+    init = GPT(GPTConfig(**MICRO_MODEL)).state_dict()
+    live = ckpt.extra["resume"]["params"]
+    for name, saved in ckpt.state_dict.items():
+        torch.testing.assert_close(saved, 0.25 * init[name] + 0.75 * live[name])
+    # step 1 moves only what has a gradient through the zero-initialised projections: mlp.proj does
+    assert not torch.equal(ckpt.state_dict["blocks.0.mlp.proj.weight"], live["blocks.0.mlp.proj.weight"])
+
+
+# ---------------------------------------------------------------- data loader
+def test_ranks_never_share_a_window_and_the_stream_stays_consecutive(tmp_path):
+    # token value = position in the stream (two shards, 1700 tokens, then it wraps): each window names its span
+    write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
+    write_shard(tmp_path / "fineweb_train_000001.bin", list(range(1000, 1700)))
+    pattern, world, local_tokens, seq = str(tmp_path / "fineweb_train_*.bin"), 3, 64, 16
+    span = local_tokens + 1
+    streams = [TokenStream(pattern, 65536) for _ in range(world)]
+    for step in range(12):  # 12 x 3 x 65 tokens: wraps past both shards twice
+        windows = []
+        for rank, stream in enumerate(streams):
+            x, y = stream.batch(local_tokens, seq, DistEnv(rank=rank, world_size=world))
+            start = (step * world + rank) * span  # the baseline's layout: rank r takes the r-th chunk of the step
+            expected = torch.tensor([(start + i) % 1700 for i in range(span)])
+            assert torch.equal(x.flatten(), expected[:-1]) and torch.equal(y.flatten(), expected[1:])
+            assert x.shape == (local_tokens // seq, seq)
+            windows.append(set(expected.tolist()))
+        assert all(not windows[a] & windows[b] for a in range(world) for b in range(a + 1, world)), step
+
+
+# ---------------------------------------------------------------- QAT
+def _random_weights(model: GPT, seed: int = 0) -> GPT:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return model
+
+
+def test_fake_quantize_is_quantize_rtn_and_the_gradient_passes_straight_through():
+    spec = parse_qat_clip("sdclip:mlp=3,attn=4")
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fake_quantize(w, 4, spec, "mlp"), quantize_rtn(w, 4, spec, role="mlp").dequantize(),
+                               rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = _random_weights(GPT(GPTConfig(**MICRO_MODEL)))
+    reference = _random_weights(GPT(GPTConfig(**MICRO_MODEL)))
+    with torch.no_grad():  # the reference holds the fake-quantized weights themselves
+        for name, p in reference.named_parameters():
+            if ".mlp." in name:
+                p.copy_(fake_quantize(p, 4, spec, "mlp"))
+    attach_qat(model, {"mlp": 4}, spec)
+    set_qat(model, True)
+    x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    model(x, x).backward()
+    reference(x, x).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)  # STE: d/dw at q(w), passed to w unchanged
+
+
+def test_qat_options_are_checked():
+    assert parse_qat("mlp=int4, attn=int6") == {"mlp": 4, "attn": 6} and parse_qat("") == {}
+    for bad in ("mlp=fp16", "control=int4", "mlp", "mlp=int4,mlp=int5"):
+        with pytest.raises(OptionError):
+            parse_qat(bad)
+    with pytest.raises(OptionError, match="QAT supports"):
+        parse_qat_clip("size:3")
+    with pytest.raises(OptionError, match="no linear layer"):  # the tied embedding is no CastedLinear
+        attach_qat(GPT(GPTConfig(**MICRO_MODEL)), {"embed": 8}, parse_clip("amax"))
+    assert parse_clip(quantize_default_clip())  # the CLI's QAT default is quantize's own default
+
+
+def _qat_compiled_check(backend: str) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=16)
+    spec = parse_qat_clip("sdclip:2.5")
+    model = _random_weights(GPT(config))
+    attach_qat(model, {"mlp": 3, "attn": 4}, spec)
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def quantized_reference() -> GPT:  # a plain model holding quantize's RTN weights
+        ref = GPT(config)
+        sd = {n: (fake_quantize(t, 3 if ".mlp." in n else 4, spec, "mlp" if ".mlp." in n else "attn")
+                  if ".mlp." in n or ".attn.c_" in n or "attn.proj" in n else t) for n, t in model.state_dict().items()}
+        ref.load_state_dict(sd)
+        return ref
+
+    with torch.no_grad():
+        off = [compiled(x, x) for _ in range(2)]  # the second call settles the RoPE-table guard
+        frames = counter.frame_count
+        set_qat(model, True)
+        on = compiled(x, x)
+        torch.testing.assert_close(on, model(x, x), rtol=1e-6, atol=0)  # = the eager fake-quantized forward
+        torch.testing.assert_close(on, quantized_reference()(x, x), rtol=1e-5, atol=0)
+        for p in model.parameters():  # an "optimizer step", then the per-step refresh
+            p.mul_(1.1)
+        refresh_qat(model)
+        stepped = compiled(x, x)
+        torch.testing.assert_close(stepped, quantized_reference()(x, x), rtol=1e-5, atol=0)
+        set_qat(model, False)
+        off_again = compiled(x, x)
+    assert counter.frame_count == frames  # the switch is data: no recompilation, nothing constant-folded
+    assert abs(float(on) - float(off[1])) > 1e-3 and abs(float(stepped) - float(on)) > 1e-3
+    torch.testing.assert_close(off_again, model(x, x), rtol=1e-6, atol=0)
+
+
+def test_qat_switch_survives_torch_compile():
+    _qat_compiled_check("aot_eager")  # dynamo + AOTAutograd: where a Python flag would be baked in
+
+
+@pytest.mark.slow
+def test_qat_switch_survives_torch_compile_inductor():
+    _qat_compiled_check("inductor")  # the default backend (C++ codegen on CPU: ~40 s here)
+
+
+def test_cli_typed_flags_and_qat_clip_default(data_dir, tmp_path):
+    args = ["--data", str(data_dir), "-o", str(tmp_path / "f.pt"), "--steps", "2", "--json", "--qat", "mlp=int4",
+            "--qat-start", "0.5", "--ema", "0.9", "--max-wallclock", "1000", "--set", "val_every=0"]
+    for k, v in {**MICRO_MODEL, "batch_tokens": 128, "amp": "fp32"}.items():
+        args += ["--set", f"{k}={v}"]
+    res = CliRunner().invoke(train_command, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["train"]["qat_clip"] == quantize_default_clip()  # QAT trains on quantize's grid by default
+    assert (out["train"]["ema_decay"], out["train"]["max_wallclock_seconds"]) == (0.9, 1000.0)
+    assert [e["qat"] for e in out["log"]] == [False, True]
+    assert load_checkpoint(tmp_path / "f.pt").extra["train_config"]["qat"] == "mlp=int4"

@@ -1,41 +1,59 @@
-"""Trainer v0: the challenge baseline's recipe on one process (CPU or one GPU).
+"""The challenge baseline's training recipe, on one process or under torchrun (DDP).
 
 Muon for the 2-D block matrices, Adam for the embedding (and untied head) and for the control tensors, linear
 LR warmdown at the end (by step, or by wallclock when a cap is set, as the baseline does), val_bpb every
-`val_every` steps and at the end, then an atomic checkpoint in the baseline's state_dict layout.
+`val_every` steps and at the end, then an atomic checkpoint in the baseline's state_dict layout, written by
+rank 0.
 
-Distributed training slots in at three marked points: the batch slice of each rank (`TokenStream.batch`),
-the gradient all-reduce (DDP around the model), and Muon's update all-reduce (see muon.py).
+Distributed as the baseline is: every micro-step the token stream advances by world_size * (local + 1) tokens
+and rank r keeps the r-th contiguous chunk; gradients are averaged by DistributedDataParallel (synchronised
+on the last micro-batch only); Muon orthogonalizes a 1/world_size share of the matrices per rank (muon.py).
+Every decision that depends on the clock (stop at the cap, warmdown, QAT switch) is taken from the slowest
+rank's clock, all-reduced, so all ranks agree.
+
+Options beyond the baseline: EMA of the weights (the checkpoint holds the EMA), torch.compile, QAT (qat.py),
+and resumable checkpoints (optimizer states, step, data position and clock in `extra["resume"]`).
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-from golfquant.checkpoint import save_checkpoint
-from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
-from golfquant.errors import DataError, OptionError
-from golfquant.evaluate import eval_val_bpb
+from golfquant.checkpoint import load_checkpoint, save_checkpoint
+from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens, read_shard
+from golfquant.errors import CheckpointError, DataError, OptionError
+from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.model import GPT, CastedLinear, GPTConfig, is_control_tensor
+from golfquant.train import distributed
+from golfquant.train.distributed import DistEnv
 from golfquant.train.muon import Muon, muon_momentum
+from golfquant.train.qat import attach_qat, detach_qat, parse_qat, parse_qat_clip, refresh_qat, set_qat
 
 SAVE_DTYPES = ("baseline", "bfloat16", "float32")
+# The buffers (RoPE tables, QAT switches) are equal on all ranks by construction: skip DDP's per-forward
+# broadcast, as the baseline does. torch 2.13 renamed the flag; older builds (on the GPU node) know only the old.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 AMP_MODES = ("auto", "bf16", "fp32")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20000
-    batch_tokens: int = 524_288  # tokens per optimizer step, summed over micro-batches
-    grad_accum_steps: int = 1  # micro-batches per step (bounds activation memory)
+    steps: int = 20000  # length of the schedule (warmdown, QAT start)
+    batch_tokens: int = 524_288  # tokens per optimizer step over all ranks and micro-batches
+    grad_accum_steps: int = 1  # micro-batches per step over all ranks; each rank runs grad_accum_steps/world
     matrix_lr: float = 0.04
     tied_embed_lr: float = 0.05
     embed_lr: float = 0.6  # untied embeddings only
@@ -50,12 +68,20 @@ class TrainConfig:
     muon_backend_steps: int = 5
     warmdown_steps: int = 1200  # LR decays linearly to 0 over the last warmdown_steps steps
     grad_clip_norm: float = 0.0  # 0 = off
-    max_wallclock_seconds: float = 0.0  # 0 = off; else stop there, warmdown timed against it (not deterministic)
+    max_wallclock_seconds: float = 0.0  # 0 = off; else stop before the step that would pass it (not deterministic;
+    # a resumed run counts the training time before the checkpoint)
+    stop_step: int = 0  # 0 = steps; else end this run after that step (schedule unchanged), to --resume later
     val_every: int = 1000  # 0 = only at the end
     val_max_tokens: int = 0  # 0 = the whole validation split; else a prefix (for quick periodic checks)
+    ema_decay: float = 0.0  # 0 = off; else the checkpoint holds an EMA of the weights with this decay per step
+    compile: bool = False  # torch.compile the training forward pass
+    qat: str = ""  # e.g. "mlp=int4,attn=int6": fake-quantize those roles' weights late in training
+    qat_start: float = 0.85  # fraction of training (by step, or by wallclock when capped) where QAT switches on
+    qat_clip: str = "amax"  # clip spec of the QAT quantizer; use the one you will quantize with
+    resumable: bool = True  # store optimizer states, data position and step in the checkpoint for --resume
     seed: int = 1337
     amp: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16 matmul; else fp32
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
     save_dtype: str = "baseline"  # baseline: tok_emb bf16, rest fp32; bfloat16: all matrices bf16; float32
 
     def __post_init__(self) -> None:
@@ -63,15 +89,22 @@ class TrainConfig:
         for name in ("steps", "batch_tokens", "grad_accum_steps", "muon_backend_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmdown_steps", "val_every", "val_max_tokens", "muon_momentum_warmup_steps"):
+        for name in ("warmdown_steps", "val_every", "val_max_tokens", "muon_momentum_warmup_steps", "stop_step",
+                     "max_wallclock_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off; 0.997 is typical)")
+        if not 0.0 <= self.qat_start <= 1.0:
+            problems.append(f"qat_start={self.qat_start} must be a fraction of training in [0, 1]")
         if self.amp not in AMP_MODES:
             problems.append(f"amp={self.amp!r} must be one of {AMP_MODES}")
         if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"save_dtype={self.save_dtype!r} must be one of {SAVE_DTYPES}")
         if problems:
             raise OptionError("invalid train config: " + "; ".join(problems))
+        parse_qat(self.qat)
+        parse_qat_clip(self.qat_clip)
 
 
 @dataclass
@@ -84,6 +117,7 @@ class TrainProgress:
     tokens_per_s: float
     lr_scale: float
     train_seconds: float
+    qat: bool = False
     val_loss: float | None = None
     val_bpb: float | None = None
 
@@ -99,10 +133,15 @@ class TrainResult:
     final_train_loss: float
     params: int
     out_path: str
+    world_size: int = 1
+    stopped_by_wallclock: bool = False
 
 
 class TokenStream:
-    """Reads the train shards in name order, one at a time, wrapping around forever (deterministic)."""
+    """Reads the train shards in name order, one at a time, wrapping around forever (deterministic).
+
+    Shards stay uint16 in memory; only the spans taken are widened to int64.
+    """
 
     def __init__(self, pattern: str, vocab_size: int):
         self.files = sorted(glob.glob(str(pattern)))
@@ -110,34 +149,45 @@ class TokenStream:
             raise DataError(f"no train shard matches {pattern!r}; check --data or build one with `golfquant data build`")
         self.vocab_size = vocab_size
         self.file_idx = -1
-        self.tokens = torch.empty(0, dtype=torch.int64)
+        self.tokens = np.empty(0, dtype=np.uint16)
         self.pos = 0
 
-    def _next_file(self) -> None:
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens = load_tokens(self.files[self.file_idx])
-        check_tokens_fit(self.tokens, self.vocab_size, source=f"train shard {self.files[self.file_idx]}")
+    def _open(self, idx: int) -> None:
+        self.file_idx = idx % len(self.files)
+        self.tokens = read_shard(self.files[self.file_idx])
         self.pos = 0
 
     def take(self, n: int) -> Tensor:
         chunks, remaining = [], n
         while remaining > 0:
-            if self.pos >= self.tokens.numel():
-                self._next_file()
+            if self.pos >= self.tokens.size:
+                self._open(self.file_idx + 1)
                 continue
-            k = min(remaining, self.tokens.numel() - self.pos)
-            chunks.append(self.tokens[self.pos : self.pos + k])
+            k = min(remaining, self.tokens.size - self.pos)
+            chunk = torch.from_numpy(self.tokens[self.pos : self.pos + k].astype(np.int64))
+            check_tokens_fit(chunk, self.vocab_size, source=f"train shard {self.files[self.file_idx]}")
+            chunks.append(chunk)
             self.pos += k
             remaining -= k
         return torch.cat(chunks)
 
-    def batch(self, tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        """Inputs and targets [tokens/seq_len, seq_len] from the next tokens+1 stream tokens.
+    def batch(self, tokens: int, seq_len: int, env: DistEnv = DistEnv()) -> tuple[Tensor, Tensor]:
+        """This rank's inputs and targets [tokens/seq_len, seq_len].
 
-        (DDP: take world_size * (tokens + 1) tokens and keep this rank's span.)
+        The stream advances by world_size * (tokens + 1) tokens; rank r keeps the r-th chunk of tokens + 1,
+        so no two ranks (and no two micro-steps) ever see the same window.
         """
-        span = self.take(tokens + 1)
-        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+        span = tokens + 1
+        chunk = self.take(env.world_size * span)[env.rank * span : (env.rank + 1) * span]
+        return chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+
+    def state(self) -> dict:
+        return {"file": self.file_idx, "pos": self.pos, "files": len(self.files)}
+
+    def restore(self, state: dict) -> None:
+        if state["file"] >= 0:
+            self._open(state["file"])
+            self.pos = min(state["pos"], self.tokens.size)
 
 
 def lr_scale(step: int, train_seconds: float, cfg: TrainConfig) -> float:
@@ -156,7 +206,23 @@ def lr_scale(step: int, train_seconds: float, cfg: TrainConfig) -> float:
     return remaining_s / max(warmdown_s, 1e-9) if remaining_s <= warmdown_s else 1.0
 
 
-def build_optimizers(model: GPT, cfg: TrainConfig) -> tuple[list[torch.optim.Optimizer], Muon]:
+def training_fraction(step: int, train_seconds: float, cfg: TrainConfig) -> float:
+    """How far training is: by step, or by the wallclock cap when that comes first."""
+    frac = step / cfg.steps
+    if cfg.max_wallclock_seconds > 0:
+        frac = max(frac, train_seconds / cfg.max_wallclock_seconds)
+    return frac
+
+
+def next_step_exceeds_cap(step: int, train_seconds: float, cfg: TrainConfig) -> bool:
+    """True when one more step of the mean duration so far would pass the wallclock cap (never before step 1)."""
+    if cfg.max_wallclock_seconds <= 0 or step == 0:
+        return False
+    return train_seconds + train_seconds / step > cfg.max_wallclock_seconds
+
+
+def build_optimizers(model: GPT, cfg: TrainConfig,
+                     env: DistEnv = DistEnv()) -> tuple[list[torch.optim.Optimizer], Muon]:
     """Muon for the blocks' 2-D matrices; Adam for tok_emb (and lm_head) and for control/low-dim tensors."""
     matrices, scalars = [], []
     for name, p in model.blocks.named_parameters():
@@ -164,7 +230,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig) -> tuple[list[torch.optim.Opt
     scalars.append(model.skip_weights)
     embed_lr = cfg.tied_embed_lr if model.config.tie_embeddings else cfg.embed_lr
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps, env=env)
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.Adam([{"params": [model.tok_emb.weight], "lr": embed_lr}], **adam),
         muon,
@@ -199,7 +265,8 @@ def export_state_dict(model: GPT, save_dtype: str) -> dict[str, Tensor]:
 
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun, init_from_env made this rank's GPU (LOCAL_RANK) the current one.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(cfg.device)
     except RuntimeError:
@@ -234,6 +301,137 @@ def _load_val(val_pattern: str, model_config: GPTConfig) -> Tensor:
     return tokens
 
 
+def local_micro_batches(cfg: TrainConfig, seq_len: int, env: DistEnv) -> int:
+    """Micro-batches this rank runs per step; OptionError unless the global batch splits evenly."""
+    micro_tokens = cfg.batch_tokens // cfg.grad_accum_steps
+    if cfg.batch_tokens % cfg.grad_accum_steps or micro_tokens % seq_len:
+        raise OptionError(
+            f"batch_tokens={cfg.batch_tokens} must split into grad_accum_steps={cfg.grad_accum_steps} micro-batches "
+            f"of whole seq_len={seq_len} sequences"
+        )
+    if cfg.grad_accum_steps % env.world_size:
+        raise OptionError(
+            f"grad_accum_steps={cfg.grad_accum_steps} micro-batches per step cannot be shared by {env.world_size} "
+            f"processes; set --set grad_accum_steps=<a multiple of {env.world_size}>"
+        )
+    return cfg.grad_accum_steps // env.world_size
+
+
+def eval_distributed(model: GPT, tokens: Tensor, luts, seq_len: int, env: DistEnv, device: torch.device,
+                     max_tokens: int | None = None) -> EvalResult:
+    """val_bpb with the sequences split contiguously over ranks and the sums all-reduced (the baseline's way).
+
+    Equals the one-process `eval_val_bpb` on the same tokens up to the order of float additions.
+    """
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    start, end = distributed.rank_slice((tokens.numel() - 1) // seq_len, env)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, bytes
+    if end > start:
+        part = eval_val_bpb(model, tokens[start * seq_len : end * seq_len + 1], luts, seq_len, device=device)
+        sums += torch.tensor([part.val_loss * part.tokens, part.tokens, part.bytes], dtype=torch.float64,
+                             device=device)
+    loss_sum, count, nbytes = distributed.all_reduce_(sums).tolist()
+    val_loss = loss_sum / count
+    return EvalResult(val_loss=val_loss, val_bpb=val_loss / math.log(2) * count / nbytes, tokens=int(count),
+                      bytes=int(nbytes))
+
+
+@dataclass
+class _Clock:
+    """Run counters that a resumed run continues."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    tokens: int = 0
+    qat_on: bool = False
+
+
+def _cpu_tree(obj):
+    """Tensors of a nested optimizer state moved to CPU (checkpoints never hold device tensors)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_tree(v) for v in obj)
+    return obj
+
+
+def _resume_state(live: dict[str, Tensor], saved: dict[str, Tensor], optimizers, ema: dict[str, Tensor] | None,
+                  stream: TokenStream, clock: _Clock, cfg: TrainConfig) -> dict:
+    """What --resume needs beyond the saved state_dict (plain containers, tensors and numbers only).
+
+    `params` holds the live fp32 weights only where the saved copy differs from them (bf16 rounding, EMA).
+    The clock is stored only under a wallclock cap (nothing else reads it), so uncapped runs stay byte-exact.
+    """
+    params = {n: t for n, t in live.items() if ema is not None or saved[n].dtype != t.dtype}
+    return {
+        "step": clock.step, "tokens": clock.tokens, "qat_on": clock.qat_on,
+        "train_seconds": clock.train_seconds if cfg.max_wallclock_seconds > 0 else 0.0,
+        "data": stream.state(), "params": params,
+        "optimizers": [_cpu_tree(opt.state_dict()) for opt in optimizers],
+        "ema": None if ema is None else {n: t.cpu() for n, t in ema.items()},
+    }
+
+
+_RESUME_KEYS = {"step", "tokens", "qat_on", "train_seconds", "data", "params", "optimizers", "ema"}
+
+
+def _read_resume(path: str | Path, model_config: GPTConfig, stop_step: int) -> tuple[dict[str, Tensor], dict]:
+    ckpt = load_checkpoint(path)
+    state = ckpt.extra.get("resume")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds no resume state (not written by `golfquant train`, or with "
+                              "resumable=false); start a new run instead")
+    missing = sorted(_RESUME_KEYS - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: resume state lacks {', '.join(missing)} (damaged, or from another "
+                              "golfquant version); start a new run instead")
+    if ckpt.config != model_config.to_dict():
+        diff = sorted(k for k in model_config.to_dict() if (ckpt.config or {}).get(k) != getattr(model_config, k))
+        raise CheckpointError(f"{path}: was trained with another model config (differs in {', '.join(diff)}); "
+                              "resume with the same --preset and model --set values")
+    if state["step"] >= stop_step:
+        raise OptionError(f"{path} is already at step {state['step']}, not before the stop at step {stop_step}; "
+                          "raise --steps (or stop_step) to train further")
+    return ckpt.state_dict, state
+
+
+def _restore(state: dict, saved: dict[str, Tensor], model: GPT, optimizers, ema: dict[str, Tensor] | None,
+             stream: TokenStream, path) -> _Clock:
+    model.load_state_dict({**saved, **state["params"]}, strict=True)
+    if len(state["optimizers"]) != len(optimizers):
+        raise CheckpointError(f"{path}: holds {len(state['optimizers'])} optimizer states, this run has "
+                              f"{len(optimizers)} (tie_embeddings changed?)")
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        base_lrs = [g["base_lr"] for g in opt.param_groups]  # this run's learning rates, not the saved ones
+        opt.load_state_dict(opt_state)
+        for group, base_lr in zip(opt.param_groups, base_lrs):
+            group["base_lr"] = base_lr
+    if (ema is None) != (state["ema"] is None):
+        raise CheckpointError(f"{path}: EMA was {'off' if state['ema'] is None else 'on'} in that run; "
+                              "resume with the same --ema")
+    if ema is not None:
+        for name, t in ema.items():
+            t.copy_(state["ema"][name])
+    stream.restore(state["data"])
+    return _Clock(state["step"], float(state["train_seconds"]), state["tokens"], bool(state["qat_on"]))
+
+
+def _compile_warmup(ddp_model, micro_seqs: int, seq_len: int, device: torch.device, bf16: bool) -> None:
+    """Compile outside the timed steps (the baseline's warmup): two forward/backward passes, gradients dropped.
+
+    Two, because the first call fills the RoPE table, which the second call's guards see as a new state.
+    """
+    x = torch.zeros(micro_seqs, seq_len, dtype=torch.int64, device=device)
+    for _ in range(2):
+        with _autocast(device, bf16):
+            ddp_model(x, x).backward()
+    for p in ddp_model.parameters():
+        p.grad = None
+
+
 def train(
     model_config: GPTConfig,
     train_config: TrainConfig,
@@ -242,51 +440,78 @@ def train(
     tokenizer_path: str | Path,
     out_path: str | Path,
     progress: Callable[[TrainProgress], None] | None = None,
+    resume: str | Path | None = None,
 ) -> TrainResult:
-    """Train GPT(model_config) from the seed, evaluate val_bpb, write a checkpoint to `out_path`.
+    """Train GPT(model_config) from the seed (or from `resume`), evaluate val_bpb, write a checkpoint.
 
-    The final val_bpb is measured on the weights exactly as saved (after the `save_dtype` rounding), so it
-    is the checkpoint's score.
+    Runs on every rank of the current process group (distributed.init_from_env); `progress` is called on
+    rank 0 only, and only rank 0 writes `out_path`. The final val_bpb is measured on the weights exactly as
+    saved (after EMA and the `save_dtype` rounding, without QAT's fake quantization), so it is the checkpoint's
+    score.
     """
     cfg, seq_len = train_config, model_config.seq_len
+    env = distributed.current()
+    accum = local_micro_batches(cfg, seq_len, env)
     micro_tokens = cfg.batch_tokens // cfg.grad_accum_steps
-    if cfg.batch_tokens % cfg.grad_accum_steps or micro_tokens % seq_len:
-        raise OptionError(
-            f"batch_tokens={cfg.batch_tokens} must split into grad_accum_steps={cfg.grad_accum_steps} micro-batches "
-            f"of whole seq_len={seq_len} sequences"
-        )
+    stop_step = min(cfg.stop_step or cfg.steps, cfg.steps)
     device = _device(cfg)
     bf16 = _use_bf16(cfg, device)
     luts = build_byte_luts(tokenizer_path, model_config.vocab_size)
     check_tokenizer_fits(luts, model_config.vocab_size)
     val_tokens = _load_val(val_pattern, model_config)
     stream = TokenStream(train_pattern, model_config.vocab_size)
+    resumed = _read_resume(resume, model_config, stop_step) if resume is not None else None
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    optimizers, muon = build_optimizers(model, cfg)
+    if cfg.qat:
+        attach_qat(model, parse_qat(cfg.qat), parse_qat_clip(cfg.qat_clip))
+    optimizers, muon = build_optimizers(model, cfg, env)
+    ema = ({n: p.detach().float().clone() for n, p in model.state_dict().items()} if cfg.ema_decay > 0 else None)
+    clock = _Clock()
+    if resumed is not None:
+        clock = _restore(resumed[1], resumed[0], model, optimizers, ema, stream, resume)
+    set_qat(model, clock.qat_on)
+    params = dict(model.named_parameters())
 
-    def evaluate(max_tokens: int | None):
-        return eval_val_bpb(model, val_tokens, luts, seq_len, max_tokens=max_tokens, device=device)
+    forward = torch.compile(model) if cfg.compile else model
+    if env.enabled:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                          **_NO_BUFFER_SYNC)
+    if cfg.compile:
+        _compile_warmup(forward, micro_tokens // seq_len, seq_len, device, bf16)
 
-    train_seconds, tokens_done, step, loss_value = 0.0, 0, 0, math.nan
+    def evaluate(max_tokens: int | None) -> EvalResult:
+        return eval_distributed(model, val_tokens, luts, seq_len, env, device, max_tokens)
+
+    loss_value, stopped_by_clock = math.nan, False
     model.train()
-    while step < cfg.steps:
-        if cfg.max_wallclock_seconds > 0 and train_seconds >= cfg.max_wallclock_seconds:
+    while clock.step < stop_step:
+        # The slowest rank's clock drives every time-based decision, so all ranks take the same ones.
+        shared = distributed.all_reduce_(torch.tensor([clock.train_seconds], dtype=torch.float64, device=device), "max")
+        clock.train_seconds = float(shared)
+        if next_step_exceeds_cap(clock.step, clock.train_seconds, cfg):
+            stopped_by_clock = True
             break
+        if cfg.qat and not clock.qat_on and training_fraction(clock.step, clock.train_seconds, cfg) >= cfg.qat_start:
+            clock.qat_on = True
+            set_qat(model, True)
         t0 = time.perf_counter()
-        scale = lr_scale(step, train_seconds, cfg)
+        scale = lr_scale(clock.step, clock.train_seconds, cfg)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum_steps):
-            x, y = stream.batch(micro_tokens, seq_len)
-            with _autocast(device, bf16):
-                loss = model(x.to(device), y.to(device))
-            (loss / cfg.grad_accum_steps).backward()
+        for micro in range(accum):
+            x, y = stream.batch(micro_tokens, seq_len, env)
+            # DDP all-reduces the gradients on the last micro-batch only.
+            sync = forward.no_sync() if env.enabled and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with _autocast(device, bf16):
+                    loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / accum).backward()
             loss_sum += loss.detach()
         for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
+            group["momentum"] = muon_momentum(clock.step, cfg.muon_momentum_warmup_start, cfg.muon_momentum,
                                               cfg.muon_momentum_warmup_steps)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -295,33 +520,54 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
         for opt in optimizers:
             opt.step()
-        loss_value = float(loss_sum) / cfg.grad_accum_steps
+        if clock.qat_on:
+            refresh_qat(model)
+        if ema is not None:
+            with torch.no_grad():
+                for name, t in ema.items():
+                    t.lerp_(params[name].detach(), 1.0 - cfg.ema_decay)
+        loss_value = float(distributed.all_reduce_(loss_sum)) / cfg.grad_accum_steps
         if not math.isfinite(loss_value):
-            raise OptionError(f"training diverged at step {step + 1} (loss {loss_value}); lower the learning rates")
+            raise OptionError(f"training diverged at step {clock.step + 1} (loss {loss_value}); "
+                              "lower the learning rates")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         step_seconds = time.perf_counter() - t0
-        train_seconds += step_seconds
-        tokens_done += cfg.batch_tokens
-        step += 1
-        event = TrainProgress(step, cfg.steps, loss_value, cfg.batch_tokens / step_seconds, scale, train_seconds)
-        if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
+        clock.train_seconds += step_seconds
+        clock.tokens += cfg.batch_tokens
+        clock.step += 1
+        event = TrainProgress(clock.step, cfg.steps, loss_value, cfg.batch_tokens / step_seconds, scale,
+                              clock.train_seconds, clock.qat_on)
+        if cfg.val_every and clock.step % cfg.val_every == 0 and clock.step < stop_step:
             quick = evaluate(cfg.val_max_tokens or None)
             event.val_loss, event.val_bpb = quick.val_loss, quick.val_bpb
-        if progress is not None:
+        if progress is not None and env.is_main:
             progress(event)
 
+    live = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()} if cfg.resumable else {}
+    # The checkpoint holds plain weights: EMA'd if on, never fake-quantized.
+    detach_qat(model)
+    if ema is not None:
+        model.load_state_dict(ema, strict=True)
     state_dict = export_state_dict(model, cfg.save_dtype)
+    extra = {}
+    if cfg.resumable:
+        extra["resume"] = _resume_state(live, state_dict, optimizers, ema, stream, clock, cfg)
     model.load_state_dict(state_dict, strict=True)  # score the weights exactly as saved
     final = evaluate(None)
     result = TrainResult(
-        val_loss=final.val_loss, val_bpb=final.val_bpb, steps=step, train_tokens=tokens_done,
-        train_seconds=train_seconds, tokens_per_s=tokens_done / max(train_seconds, 1e-9),
+        val_loss=final.val_loss, val_bpb=final.val_bpb, steps=clock.step, train_tokens=clock.tokens,
+        train_seconds=clock.train_seconds, tokens_per_s=clock.tokens / max(clock.train_seconds, 1e-9),
         final_train_loss=loss_value, params=sum(p.numel() for p in model.parameters()), out_path=str(out_path),
+        world_size=env.world_size, stopped_by_wallclock=stopped_by_clock,
     )
-    extra = {
-        "train_config": asdict(cfg), "amp": "bf16" if bf16 else "fp32",
+    extra.update({
+        "train_config": asdict(cfg), "amp": "bf16" if bf16 else "fp32", "world_size": env.world_size,
         "val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_tokens": int(final.tokens),
-        "steps": step, "train_tokens": tokens_done,
-    }  # no timings: the same config and data give the same checkpoint bytes
-    save_checkpoint(out_path, state_dict, model_config.to_dict(), extra)
+        "steps": clock.step, "train_tokens": clock.tokens, "stopped_by_wallclock": stopped_by_clock,
+    })  # no timings (unless capped, for resume): the same config and data give the same checkpoint bytes
+    if env.is_main:
+        save_checkpoint(out_path, state_dict, model_config.to_dict(), extra)
+    distributed.barrier()  # every rank returns once the checkpoint exists
     return result
 

@@ -1,13 +1,17 @@
 """Muon: momentum SGD whose matrix updates are orthogonalized by a Newton–Schulz iteration (the baseline's).
 
-Single process for now. The step is split the way the baseline's distributed version is: every parameter's
-update is computed into one flat bf16 buffer, then applied. Under DDP each rank would compute only the
-parameters `i % world_size == rank` and all-reduce (SUM) the flat buffer between the two loops.
+Distributed as the baseline is: the gradients are already averaged (DDP), every rank updates the momentum of
+every matrix (cheap, and it keeps the optimizer state complete on each rank, so rank 0 alone can checkpoint
+it), but orthogonalizes only the matrices `i % world_size == rank` into one flat buffer whose other entries
+are zero; a SUM all-reduce of that buffer gives every rank every update. x + 0 is exact, so the result is
+bit-identical to one process computing them all.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from golfquant.train import distributed
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -33,8 +37,10 @@ def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> flo
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
+                 env: distributed.DistEnv | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        self.env = env if env is not None else distributed.DistEnv()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -48,22 +54,26 @@ class Muon(torch.optim.Optimizer):
                 continue
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
             offset = 0
-            for p in params:
-                flat[offset : offset + p.numel()] = self._update(p, group).reshape(-1)
+            for i, p in enumerate(params):
+                g = self._momentum_grad(p, group)
+                if i % self.env.world_size == self.env.rank:
+                    flat[offset : offset + p.numel()] = self._orthogonalize(g, group).reshape(-1)
                 offset += p.numel()
-            # (DDP: all_reduce(flat, SUM) goes here.)
+            distributed.all_reduce_(flat)
             offset = 0
             for p in params:
                 p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
         return loss
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
+    def _momentum_grad(self, p: Tensor, group: dict) -> Tensor:
         g = p.grad
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
         buf.mul_(group["momentum"]).add_(g)
-        if group["nesterov"]:
-            g = g.add(buf, alpha=group["momentum"])
+        return g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _orthogonalize(g: Tensor, group: dict) -> Tensor:
         update = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
         # Tall matrices get their RMS update scaled up as in the Muon reference implementations.
         return update * max(1.0, g.size(0) / g.size(1)) ** 0.5
