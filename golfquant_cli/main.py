@@ -49,13 +49,14 @@ def cli() -> None:
 def _register() -> None:
     from golfquant_cli.data_cmd import data
     from golfquant_cli.demo_cmd import demo
+    from golfquant_cli.export_loader_cmd import export_loader
     from golfquant_cli.pack_code_cmd import pack_code
     from golfquant_cli.quantize_cmd import quantize
     from golfquant_cli.roundtrip_cmd import roundtrip_eval_cmd
     from golfquant_cli.size_report_cmd import size_report
     from golfquant_cli.train_cmd import train
 
-    for command in (quantize, size_report, roundtrip_eval_cmd, train, data, pack_code, demo):
+    for command in (quantize, size_report, roundtrip_eval_cmd, train, data, pack_code, export_loader, demo):
         cli.add_command(command)
 
 

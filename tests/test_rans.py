@@ -202,3 +202,21 @@ def test_entropy_bounds():
     rng = np.random.default_rng(8)
     w = np.clip(np.rint(rng.standard_t(4, (32, 64)) * np.linspace(0.2, 8, 32)[:, None]), -31, 31).astype(np.int8)
     assert entropy.row_conditional_bits(w) < 0.95 * entropy.order0_bits(w)
+
+
+def test_round_trip_on_the_bundled_model_codes():
+    """Real trained weights reach model corners synthetic data does not (e.g. large negative class shifts)."""
+    import torch
+
+    from golfquant.checkpoint import load_checkpoint
+    from golfquant.data import default_data_dir
+    from golfquant.quant.clip import parse_clip, round_codes, row_scales
+
+    sd = load_checkpoint(default_data_dir() / "model.pt").state_dict
+    for name, w in sd.items():
+        if w.dim() != 2 or w.numel() < 65536:
+            continue
+        for bits, clip in ((2, "amax"), (4, "sdclip:2"), (6, "amax")):
+            codes = round_codes(w.float(), row_scales(w.float(), bits, parse_clip(clip)), bits).numpy()
+            blob = encode_codes(codes, bits)
+            assert np.array_equal(decode_codes(blob, codes.shape, bits), codes), (name, bits, clip)

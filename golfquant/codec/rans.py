@@ -450,8 +450,9 @@ def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
         shift = int.from_bytes(r.take(2), "little", signed=True)
         a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int16)
         b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int16)
-        a16, b16 = np.clip(a + shift, -_K, 2 * _K).astype(np.int16), np.clip(b, -_K, 2 * _K).astype(np.int16)
-        cls = np.clip(a16[:, None] + b16[None, :], 0, _K - 1).astype(np.uint8).ravel()
+        # int32 sums (not int64) keep the per-element temporaries small; the shift rides on the column vector.
+        row, col = a.astype(np.int32), b.astype(np.int32) + shift
+        cls = np.clip(row[:, None] + col[None, :], 0, _K - 1).astype(np.uint8).ravel()
         sym = _rans_decode(r.rest(), n, cls, _parametric_freq(bits, nu_i))
     elif kind == _KIND_ORDER0:
         freq = _read_table(r, 2 * qm + 1)

@@ -1,0 +1,374 @@
+"""A self-contained artifact loader to paste into a challenge script (`golfquant export-loader`).
+
+The challenge counts code bytes, so a script that cannot depend on golfquant carries its own loader. The loader
+below rebuilds exactly the state_dict of `golfquant.load_artifact` (same keys, dtypes, shapes and bits) from numpy,
+torch, the stdlib and the decompressors the artifact uses, and nothing else. It trusts the file: the validating
+reader is `golfquant.load_artifact`, which checks every byte of a stranger's artifact. It never execs, evals or
+unpickles anything from the file: the manifest is JSON, everything else is numbers.
+
+The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
+codecs asked for; the minimal form then renames every local to a short name and minifies (golfquant.codepack).
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import itertools
+import keyword
+import os
+import string
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from golfquant.codepack import CODECS as CODE_CODECS
+from golfquant.codepack import PackedCode, minify, pack
+from golfquant.errors import OptionError
+
+# Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted.
+LOADER_CODECS = ("none", "zlib", "zstd", "brotli", "lzma", "rans")
+_BLOCK_END = "# [end]"
+
+# Mirrors golfquant/artifact.py (container and sections), golfquant/pack.py (code layouts), golfquant/codec/lz.py
+# (byte codecs) and golfquant/codec/rans.py (the rANS decoder, its tables rebuilt with the same float64 operations
+# in the same order so the frequencies come out identical). tests/test_export.py checks them against each other.
+_LOADER = '''
+def load_artifact(path):
+    """Dequantized state_dict of a golfquant artifact (docs/artifact.md); exported by `golfquant export-loader`."""
+    import io, json, math
+    import numpy as np
+    import torch
+    decoders = {}
+    # [none]
+    decoders['none'] = bytes
+    # [end]
+    # [zlib]
+    import zlib
+    decoders['zlib'] = zlib.decompress
+    # [end]
+    # [zstd]
+    import zstandard
+    decoders['zstd'] = zstandard.ZstdDecompressor().decompress
+    # [end]
+    # [brotli]
+    import brotli
+    decoders['brotli'] = brotli.decompress
+    # [end]
+    # [lzma]
+    import lzma
+    # raw LZMA2 (format 3, filter 33); 64 MiB covers the largest dictionary the writer uses
+    decoders['lzma'] = lambda blob: lzma.decompress(blob, 3, None, [{'id': 33, 'dict_size': 1 << 26}])
+    # [end]
+
+    def section(index):
+        s = sections[index]
+        raw = decoders[s['codec']](region[s['offset']:s['offset'] + s['length']])
+        if s['kind'] != 'codes' and s['layout'] != 'bytes':  # shuffleK: byte k of every element, k = 0..K-1
+            raw = np.frombuffer(raw, np.uint8).reshape(int(s['layout'][7:]), -1).T.tobytes()
+        return raw
+
+    def tensor_at(buf, offset, shape, dtype):
+        out = torch.empty(shape, dtype=dtype)
+        view = out.view(-1).view(torch.uint8).numpy()
+        view[:] = np.frombuffer(buf, np.uint8, view.size, offset)
+        return out
+
+    def unpack(buf, bits, layout, shape):
+        count = math.prod(shape)
+        packed = np.frombuffer(buf, np.uint8)
+        if layout[0] == 'i':  # int8: the signed codes themselves
+            q = packed.view(np.int8)
+        else:  # planes of widths 4, 2, 1 (nibble: one of width 4) of u = q + 2^(bits-1), LSB first
+            widths = [4] if layout[0] == 'n' else [4] * (bits // 4) + [2] * (bits % 4 // 2) + [1] * (bits % 2)
+            u = shift = start = 0
+            for w in widths:
+                size = -(-count * w // 8)
+                plane = packed[start:start + size, None] >> np.arange(0, 8, w, dtype=np.uint8) & (1 << w) - 1
+                u = u + (plane.reshape(-1)[:count].astype(np.int16) << shift)
+                start += size
+                shift += w
+            q = (u - (1 << bits - 1)).astype(np.int8)
+        if layout[-1] == 'T':  # written in the order of codes.mT
+            return q.reshape(shape[:-2] + (shape[-1], shape[-2])).swapaxes(-1, -2).copy()  # copy: C order
+        return q.reshape(shape)
+    # [rans]
+
+    def t_law(bits, nu_index):
+        # frequencies (sum 2^16) of the discretized Student-t law for 160 width classes 2^((k-72)/8) x 2r+1 codes
+        r = (1 << bits - 1) - 1
+        k = np.arange(160)
+        roots = np.array([1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096,
+                          1.4142135623730951, 1.5422108254079407, 1.681792830507429, 1.8340080864093424])
+        t = (np.arange(-r, r) + 0.5)[None] / np.ldexp(roots[k % 8], k // 8 - 9)[:, None]
+        nu = (2, 4, 6, 8, 12, 16, 24, 32, 64, 128)[nu_index]
+        d = nu + t * t
+        x = nu / d
+        term = acc = np.ones_like(t)
+        c = 1.0
+        for j in range(1, nu // 2):
+            c = c * (2 * j - 1) / (2 * j)
+            term = term * x
+            acc = acc + c * term
+        p = np.maximum(np.diff(0.5 + t / (2.0 * np.sqrt(d)) * acc, 1, 1, 0.0, 1.0), 1e-300)
+        freq = (np.floor(p * (65535 - 2 * r)) + 1).astype(np.int64)
+        freq[k, freq.argmax(1)] += 65536 - freq.sum(1)
+        return freq
+
+    def stream(data, count, cls, freq):
+        # interleaved rANS: element e in lane e % lanes; 32-bit states, 16-bit words and probabilities
+        lanes = max(1, min(1024, -(-count // 8192)))
+        x = np.frombuffer(data, '<u4', lanes).astype(np.int64)
+        words = np.frombuffer(data, '<u2', -1, 4 * lanes).astype(np.int64)
+        steps = -(-count // lanes)
+        used, cls = np.unique(cls, return_inverse=True)
+        # one more class, giving symbol 0 all of 2^16, for the padding after the last element: it keeps lane states
+        freq = np.vstack([freq[used], np.eye(1, freq.shape[1], dtype=np.int64) << 16])
+        cls = np.pad(cls, (0, steps * lanes - count), constant_values=len(used)).reshape(steps, lanes)
+        nsym = freq.shape[1]
+        lut = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(used) + 1), freq.ravel())
+        low = (np.cumsum(freq, 1) - freq).ravel()
+        freq = freq.ravel()
+        lut_base, sym_base = cls << 16, cls * nsym
+        out = np.empty((steps, lanes), np.int64)
+        at = 0
+        for t in range(steps):
+            slot = x & 65535
+            s = out[t] = lut[lut_base[t] + slot]
+            j = sym_base[t] + s
+            x = freq[j] * (x >> 16) + slot - low[j]
+            m = x < 65536
+            n = np.count_nonzero(m)
+            x[m] = x[m] << 16 | words[at:at + n][::-1]
+            at += n
+        return out.ravel()[:count]
+
+    def varint(f):
+        value = shift = 0
+        while True:
+            b = f.read(1)[0]
+            value |= (b & 127) << shift
+            shift += 7
+            if b < 128:
+                return value
+
+    def table(f, nsym):
+        lo, span, prec = f.read(3)
+        freq = np.zeros((1, nsym), np.int64)
+        freq[0, lo:lo + span + 1] = [varint(f) << 16 - prec for _ in range(span + 1)]
+        return freq
+
+    def values(f, count):
+        freq = table(f, 256)
+        return stream(f.read(varint(f)), count, np.zeros(count, np.int64), freq)
+
+    def plain(f, rows, cols, bits):
+        r = (1 << bits - 1) - 1
+        count = rows * cols
+        if f.read(1)[0] == 1:  # t law with optional row and column width bytes
+            flags, nu_index = f.read(2)
+            shift = int.from_bytes(f.read(2), 'little', signed=True)
+            a = values(f, rows) if flags & 1 else np.zeros(rows, np.int64)
+            b = values(f, cols) if flags & 2 else np.zeros(cols, np.int64)
+            cls, freq = np.clip((a[:, None] + b).ravel() + shift, 0, 159), t_law(bits, nu_index)
+        else:  # stored order-0 table
+            cls, freq = np.zeros(count, np.int64), table(f, 2 * r + 1)
+        return (stream(f.read(), count, cls, freq) - r).reshape(rows, cols)
+
+    def rans(blob, shape, bits):
+        count = math.prod(shape)
+        if not count:
+            return np.zeros(shape, np.int8)
+        cols = shape[-1]
+        rows = count // cols
+        f = io.BytesIO(blob[5:])  # after the version byte and the CRC-32
+        if blob[5] != 3:
+            return plain(f, rows, cols, bits).astype(np.int8).reshape(shape)
+        f.read(1)  # kind 3: rows flagged in `has` are wrapped residuals of an earlier row
+        has = values(f, rows).astype(bool)
+        n = int(has.sum())
+        dist = values(f, n) + (values(f, n) << 8)
+        roots = io.BytesIO(f.read(varint(f)))
+        q = np.empty((rows, cols), np.int64)
+        q[~has] = plain(roots, rows - n, cols, bits)
+        q[has] = plain(f, n, cols, bits)
+        r = (1 << bits - 1) - 1
+        for i, j in zip(np.flatnonzero(has), np.flatnonzero(has) - dist):
+            q[i] = (q[i] + q[j] + r) % (2 * r + 1) - r
+        return q.astype(np.int8).reshape(shape)
+    # [end]
+
+    def codes(index, shape, bits):
+        s = sections[index]
+        # [rans]
+        if s['codec'] == 'rans':
+            return torch.tensor(rans(region[s['offset']:s['offset'] + s['length']], shape, bits), dtype=torch.float32)
+        # [end]
+        return torch.tensor(unpack(section(index), bits, s['layout'], shape), dtype=torch.float32)
+
+    def scales(ref, shape):
+        return tensor_at(shared[ref['section']], ref['offset'], shape, torch.float16).float()
+
+    data = open(path, 'rb').read()
+    n = data[6]
+    size = int.from_bytes(data[n + 7:n + 11], 'little')
+    manifest = json.loads(decoders[data[7:n + 7].decode()](data[n + 19:n + 19 + size]))
+    region = data[n + 19 + size:]
+    sections = manifest['sections']
+    shared = {i: section(i) for i, s in enumerate(sections) if s['kind'] != 'codes'}
+    out = {}
+    for t in manifest['tensors']:
+        shape = tuple(t['shape'])
+        dtype = getattr(torch, t['dtype'])
+        if t['kind'] == 'float':
+            ref = t['data']
+            w = tensor_at(shared[ref['section']], ref['offset'], shape, getattr(torch, ref['dtype']))
+        else:
+            w = codes(t['codes'], shape, t['bits']) * scales(t['scales'], shape[:-1])[..., None]
+            lq = t['lqer']
+            if lq:  # + A @ B, A with one scale, B with one scale per `group` elements of B flattened
+                rank, group = lq['rank'], lq['group']
+                a = codes(lq['a_codes'], (shape[-2], rank), lq['a_bits']) * scales(lq['a_scale'], ())
+                b = codes(lq['b_codes'], (rank, shape[-1]), lq['b_bits']).reshape(-1)
+                b_scales = scales(lq['b_scales'], (-(-b.numel() // group),)).repeat_interleave(group)
+                w = w + a @ (b * b_scales[:b.numel()]).reshape(rank, shape[-1])
+        out[t['name']] = w.to(dtype)
+    return out
+'''
+
+
+def _check_codecs(codecs: Iterable[str] | None) -> set[str]:
+    if codecs is None:
+        return set(LOADER_CODECS)
+    wanted = set(codecs)
+    unknown = sorted(wanted - set(LOADER_CODECS))
+    if unknown:
+        raise OptionError(f"the exported loader cannot decode codec '{unknown[0]}': it knows {', '.join(LOADER_CODECS)}"
+                          "; write the artifact with those codecs or load it with golfquant")
+    if not wanted:
+        raise OptionError(f"name at least one codec for the loader ({', '.join(LOADER_CODECS)})")
+    return wanted
+
+
+def _keep_blocks(source: str, wanted: set[str]) -> str:
+    """Drop the `# [name]` ... `# [end]` blocks of codecs not wanted."""
+    out, keep = [], True
+    for line in source.splitlines(keepends=True):
+        tag = line.strip()
+        if tag == _BLOCK_END:
+            keep = True
+        elif tag.startswith("# [") and tag.endswith("]"):
+            keep = tag[3:-1] in wanted
+        elif keep:
+            out.append(line)
+    return "".join(out).lstrip("\n")
+
+
+_SCOPE_NODES = (ast.FunctionDef, ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_KEEP = frozenset({"load_artifact", "path"})  # the public name and parameter
+
+
+@dataclass(eq=False)  # hashed by identity
+class _Scope:
+    parent: _Scope | None
+    bound: dict[str, int] = field(default_factory=dict)  # name -> uses
+    outer: set[tuple[_Scope, str]] = field(default_factory=set)  # enclosing scopes' variables used in this subtree
+    names: dict[str, str] = field(default_factory=dict)  # name -> short name
+
+
+def _scopes(tree: ast.Module) -> tuple[list[_Scope], list[tuple[ast.AST, str, _Scope | None]]]:
+    """The scopes of the loader function in preorder, and every name occurrence as (node, attribute holding the
+    name, scope binding it or None for builtins and globals)."""
+    found: list[tuple[ast.AST, str, str, _Scope]] = []  # (node, attribute, name, scope it occurs in)
+
+    def visit(node: ast.AST, scope: _Scope) -> None:
+        if isinstance(node, _SCOPE_NODES):
+            if isinstance(node, ast.FunctionDef):
+                found.append((node, "name", node.name, scope))
+                scope.bound.setdefault(node.name, 0)
+            scope = _Scope(scope)
+            scopes.append(scope)
+        if isinstance(node, ast.arg):
+            scope.bound.setdefault(node.arg, 0)
+            found.append((node, "arg", node.arg, scope))
+        elif isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Store):
+                scope.bound.setdefault(node.id, 0)
+            found.append((node, "id", node.id, scope))
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            raise RuntimeError("the loader template must not use global/nonlocal (the renamer does not model them)")
+        for child in ast.iter_child_nodes(node):
+            visit(child, scope)
+
+    scopes = [_Scope(None)]
+    for child in ast.iter_child_nodes(next(n for n in tree.body if isinstance(n, ast.FunctionDef))):
+        visit(child, scopes[0])
+    occurrences = []
+    for node, attr, name, where in found:
+        owner = where
+        while owner is not None and name not in owner.bound:
+            owner = owner.parent
+        if owner is not None and name not in _KEEP:
+            owner.bound[name] += 1
+            inner = where
+            while inner is not owner:  # every scope between the use and the binding sees the outer name
+                inner.outer.add((owner, name))
+                inner = inner.parent
+        occurrences.append((node, attr, owner))
+    return scopes, occurrences
+
+
+def _short_names(taken: set[str]):
+    """a..z, A..Z, then two-character names, skipping keywords and names taken."""
+    first = string.ascii_letters
+    for name in itertools.chain(first, (a + b for a in first for b in first + string.digits)):
+        if name not in taken and not keyword.iskeyword(name):
+            yield name
+
+
+def _rename_locals(source: str) -> str:
+    """Rename every variable of the loader (functions, parameters, locals; not `path`, imports or builtins) to a
+    short name, scope by scope, the most used first. Sibling scopes reuse names; a scope avoids only the enclosing
+    variables it uses. A consistent renaming of bound names keeps the behaviour (tests check the output)."""
+    tree = ast.parse(source)
+    scopes, occurrences = _scopes(tree)
+    imported = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    fixed = set(dir(builtins)) | imported | _KEEP
+    fixed |= {getattr(node, attr) for node, attr, owner in occurrences if owner is None}
+    for scope in scopes:  # preorder: enclosing scopes are named first
+        avoid = fixed | {owner.names[name] for owner, name in scope.outer}
+        order = sorted((n for n in scope.bound if n not in _KEEP), key=lambda n: (-scope.bound[n], n))
+        scope.names = dict(zip(order, _short_names(avoid)))
+    for node, attr, owner in occurrences:
+        if owner is not None:
+            setattr(node, attr, owner.names.get(getattr(node, attr), getattr(node, attr)))
+    return ast.unparse(tree)
+
+
+def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None) -> str:
+    """Python source defining `load_artifact(path) -> dict[str, torch.Tensor]` (the dequantized state_dict, original
+    dtypes) for artifacts whose sections and manifest use only `codecs` (default: every codec it knows).
+
+    minimal: locals renamed to short names and minified (no comments); else the readable, commented source.
+    Deterministic. Depends on numpy, torch, the stdlib, and zstandard / brotli only when those codecs are asked for.
+    """
+    source = _keep_blocks(_LOADER, _check_codecs(codecs))
+    if not minimal:
+        return source
+    return minify(_rename_locals(source), "<exported loader>")
+
+
+def packed_loader(codecs: Iterable[str] | None = None) -> PackedCode:
+    """The minimal loader as a self-extracting `exec(...decompress(...))` line (golfquant.codepack.pack), shortest
+    of the wrappers whose decompressor the loader needs anyway: lzma and zlib (stdlib), brotli only when the
+    artifact uses it. Its raw_bytes are those of the minimal source."""
+    wanted = _check_codecs(codecs)
+    source = loader_source(True, wanted)
+    families = [c for c in CODE_CODECS if c != "brotli" or "brotli" in wanted]
+    return min((pack(source, c, name="<exported loader>") for c in families), key=lambda p: p.packed_bytes)
+
+
+def artifact_codecs(path: str | os.PathLike) -> set[str]:
+    """Codec names an artifact uses (its manifest's and every section's): what its loader must decode."""
+    from golfquant.artifact import artifact_sizes  # validates the whole container and manifest
+
+    info = artifact_sizes(path)
+    return {info.manifest_codec, *(s.codec for s in info.sections)}
