@@ -55,6 +55,11 @@ calib_options = compose(
 )
 
 
+def explicit_flags(ctx: click.Context, names) -> set[str]:
+    """The parameters among `names` the user gave on the command line (not defaults)."""
+    return {n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE}
+
+
 def plan_from_flags(mlp, attn, embed, other, rules, float_max_numel) -> PlanOptions:
     return PlanOptions(mlp=mlp, attn=attn, embed=embed, other=other, rules=[parse_rule(r) for r in rules],
                        float_max_numel=float_max_numel)

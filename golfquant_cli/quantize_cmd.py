@@ -9,8 +9,8 @@ from golfquant.factory import parse_model_args
 from golfquant.pipeline import QuantizeOptions, quantize_checkpoint
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
-from golfquant_cli.options import (calib_from_flags, calib_options, json_option, model_options, parse_lqer,
-                                   plan_from_flags, plan_options)
+from golfquant_cli.options import (calib_from_flags, calib_options, explicit_flags, json_option, model_options,
+                                   parse_budget, parse_lqer, plan_from_flags, plan_options)
 
 
 @click.command()
@@ -30,18 +30,28 @@ from golfquant_cli.options import (calib_from_flags, calib_options, json_option,
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
               help="Your train_gpt.py: its bytes count toward the cap.")
 @click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")
+@click.option("--budget", default=None, metavar="BYTES",
+              help="Fit artifact + code into BYTES (decimal, e.g. 16000000 or 16e6): widths and SDClip k are "
+                   "allocated per tensor; --mlp/--attn/--embed/--other/--clip/--rule given explicitly stay fixed.")
+@click.option("--prune-to-budget", is_flag=True,
+              help="With --budget: keep the widths of the plan and zero the cheapest +-1 codes until it fits.")
+@click.option("--exhaustive", is_flag=True, help="Compress every section with every codec x layout (slow).")
 @json_option
 def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
              calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, lqer, heads,
-             model_spec, model_args, code_path, packed_code, as_json):
+             model_spec, model_args, code_path, packed_code, budget, prune_to_budget, exhaustive, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
+    given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip"))
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
     out = out or Path("out") / f"{ckpt.stem}.gqa"
     opts = QuantizeOptions(
         plan=plan_from_flags(mlp, attn, embed, other, rules, float_max_numel), method=method, clip=clip,
         calib=calib_from_flags(calib_source, calib_data, calib_seqs, calib_len, calib_temp, calib_seed, calib_first),
         block_size=block_size, act_order=act_order, damp=damp, lqer=parse_lqer(lqer), num_heads=heads,
-        model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None)
+        model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None,
+        budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
+        fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
+        exhaustive=exhaustive)
     opts.validate()
     with render.stage_progress(enabled=not as_json) as progress:
         summary = quantize_checkpoint(ckpt, out, opts, code_path, packed_code, progress=progress,

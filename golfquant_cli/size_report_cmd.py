@@ -18,11 +18,14 @@ from golfquant_cli.options import json_option, parse_budget
 @click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")
 @click.option("--budget", default=str(CAP_BYTES), show_default=True, help="Decimal bytes, e.g. 16000000 or 16e6.")
 @click.option("--no-entropy", is_flag=True, help="Skip the entropy bounds (they decode every section).")
+@click.option("--compare-codecs", is_flag=True,
+              help="Also compress every codes section with every codec x layout and print the sizes (slow).")
 @json_option
-def size_report(artifact, code_path, packed_code, budget, no_entropy, as_json):
+def size_report(artifact, code_path, packed_code, budget, no_entropy, compare_codecs, as_json):
     """Bytes per tensor and per role group, scales and metadata, code bytes, total and headroom."""
     code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
-    report = build_report(artifact, code_bytes, parse_budget(budget), entropy=not no_entropy)
+    report = build_report(artifact, code_bytes, parse_budget(budget), entropy=not no_entropy,
+                          compare_codecs=compare_codecs)
     if as_json:
         render.emit_json(report)
     else:

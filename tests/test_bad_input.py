@@ -157,7 +157,6 @@ def test_tokens_beyond_the_tokenizer_are_refused(inputs):
     assert "tokenizer" in _error_line(res.stderr)
 
 
-@pytest.mark.xfail(strict=False, reason="quantize --budget is being built by another helper")
 def test_unreachable_budget_names_the_smallest_size(inputs, tmp_path):
     res = CliRunner().invoke(cli, ["quantize", str(inputs.ckpt), "-o", str(tmp_path / "a.gqa"), "--budget", "1000"])
     line = _error_line(res.stderr)
