@@ -10,13 +10,8 @@ Also defines `baseline_like_state_dict`, the baseline-size synthetic model bench
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and its kernels.py would shadow the repository's `kernels`
-# package: the repository first, this folder (for `budget`) last.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse
 import json

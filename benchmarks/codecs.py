@@ -13,13 +13,8 @@ decode speed of each codec in MB/s of decoded codes on the largest codes section
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and its kernels.py would shadow the repository's `kernels`
-# package: the repository first, this folder (for `budget`) last.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse
 import io
@@ -42,7 +37,7 @@ from golfquant.plan import PlanOptions, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.rtn import quantize_rtn
 
-from budget import CHECKPOINT, baseline_like_state_dict  # noqa: E402
+from budget import CHECKPOINT, baseline_like_state_dict
 
 OUT = Path(__file__).with_suffix(".json")
 

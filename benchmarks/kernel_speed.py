@@ -7,7 +7,7 @@ copy bandwidth); fused matmul vs dequantize-then-F.linear at M = 1, 16, 64. Ever
 against the torch reference (bit-exact for dequant, within the rounding bound of kernels/matmul.py).
 On CPU: the Triton interpreter on small shapes, which checks exactness only; its timings mean nothing.
 
-    .venv/bin/python benchmarks/kernels.py [--reps 50] [--out PATH]
+    .venv/bin/python benchmarks/kernel_speed.py [--reps 50] [--out PATH]
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)  # this file is named kernels.py: its own folder must not shadow the kernels package
 
 import torch  # noqa: E402
 

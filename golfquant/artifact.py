@@ -22,7 +22,7 @@ from golfquant.atomic import atomic_write_bytes
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compress, compress_best, decompress
 from golfquant.codec.sizemodel import RANS, byte_entropy, estimate_codes_section, estimate_stream_bytes
 from golfquant.errors import ArtifactError, OptionError
-from golfquant.pack import LAYOUTS, layouts_for, pack_codes, packed_length, unpack_codes
+from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
 from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
                             scheme_bits)
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, qmax

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from golfquant.artifact import ArtifactInfo, PackedTensor, load_artifact, read_artifact, write_artifact

@@ -206,8 +206,6 @@ def test_entropy_bounds():
 
 def test_round_trip_on_the_bundled_model_codes():
     """Real trained weights reach model corners synthetic data does not (e.g. large negative class shifts)."""
-    import torch
-
     from golfquant.checkpoint import load_checkpoint
     from golfquant.data import default_data_dir
     from golfquant.quant.clip import parse_clip, round_codes, row_scales
