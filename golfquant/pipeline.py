@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from golfquant.artifact import ArtifactInfo, PackedTensor, load_artifact, read_artifact, write_artifact
-from golfquant.calib import CalibConfig, Hessian, calibration_tokens, capture_hessians
+from golfquant.calib import (CalibConfig, Hessian, calibration_hessians, calibration_tokens,
+                             capture_hessians_sequential)
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.codepack import code_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
@@ -71,6 +72,7 @@ class QuantizeOptions:
     fixed_roles: tuple[str, ...] = ()
     fixed_clip: bool = False
     exhaustive: bool = False  # compress every section with every codec x layout
+    sequential: bool = False  # block i's Hessians collected with blocks 0..i-1 already quantized
 
     def validate(self) -> ClipSpec:
         if self.method not in METHODS:
@@ -87,6 +89,10 @@ class QuantizeOptions:
                 raise OptionError("--clip size and --budget both choose the size: drop one of them")
             if self.lqer.top > 0:
                 raise OptionError("--lqer cannot be combined with --budget yet: drop one of them")
+            if self.sequential:
+                raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
+        if self.sequential and self.method != "gptq":
+            raise OptionError("--sequential quantizes block by block with GPTQ: add --method gptq")
         return spec
 
     @property
@@ -110,6 +116,17 @@ class TensorReport:
 
 
 @dataclass
+class Calibration:
+    """Hessians of every matrix (and the tied embedding) and what produced them; reusable across quantize calls
+    on the same checkpoint (a sweep calibrates once). `quantized` holds, after a sequential calibration, the
+    tensors quantized while it ran."""
+
+    hessians: dict[str, Hessian]
+    info: dict  # goes into the artifact's manifest: no timings, so the same inputs give the same bytes
+    quantized: dict[str, tuple[QuantizedTensor, TensorReport]] = field(default_factory=dict)
+
+
+@dataclass
 class QuantizeResult:
     tensors: dict[str, QuantizedTensor | torch.Tensor]
     plan: dict[str, TensorPlan]
@@ -121,19 +138,24 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
-                        on_tensor: Callable[[TensorReport], None] | None = None) -> QuantizeResult:
+                        on_tensor: Callable[[TensorReport], None] | None = None,
+                        calibration: Calibration | None = None) -> QuantizeResult:
     spec = opts.validate()
     sd = ckpt.state_dict
     plan = make_plan(sd, opts.plan)
     meta: dict = {"method": opts.method, "clip": str(spec)}
-    hessians = _hessians_for(ckpt, opts, plan, meta, progress)
+    calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration)
+    hessians = calibration.hessians
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
     reports: list[TensorReport] = []
     for name, tp in plan.items():
         if tp.bits is None:
             out[name] = _passthrough(sd[name], tp.scheme)
             continue
-        out[name], report = _quantize_one(sd[name], tp, tp.bits, spec, _h(hessians, name), opts)
+        if name in calibration.quantized:
+            out[name], report = calibration.quantized[name]
+        else:
+            out[name], report = _quantize_one(sd[name], tp, tp.bits, spec, _h(hessians, name), opts)
         reports.append(report)
         if on_tensor:
             on_tensor(report)
@@ -143,12 +165,13 @@ def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progr
     return QuantizeResult(out, plan, reports, meta)
 
 
-def _hessians_for(ckpt: Checkpoint, opts: QuantizeOptions, plan: dict[str, TensorPlan], meta: dict,
-                  progress: Progress | None) -> dict[str, Hessian]:
+def _calibration_for(ckpt: Checkpoint, opts: QuantizeOptions, plan: dict[str, TensorPlan], meta: dict,
+                     progress: Progress | None, given: Calibration | None) -> Calibration:
     if not (opts.needs_hessians and any(p.bits for p in plan.values())):
-        return {}
-    hessians, meta["calibration"] = _calibrate(ckpt, opts, progress)
-    return hessians
+        return Calibration({}, {})
+    calibration = given or calibrate(ckpt, opts, progress, plan)
+    meta["calibration"] = calibration.info
+    return calibration
 
 
 def _h(hessians: dict[str, Hessian], name: str) -> torch.Tensor | None:
@@ -189,13 +212,34 @@ def _passthrough(t: torch.Tensor, scheme: str) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def _calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None) -> tuple[dict[str, Hessian], dict]:
-    """Hessians of every matrix; the info goes into the artifact's manifest, so it holds no timings (the same
-    inputs must give the same bytes)."""
+def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
+              plan: dict[str, TensorPlan] | None = None) -> Calibration:
+    """Calibration tokens from opts.calib, then the Hessians of every matrix: collected during generation when
+    the model has a KV cache; with opts.sequential block by block, each block quantized (with the plan) before
+    the next block's Hessians are collected."""
     model = build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args).eval()
+    if not opts.sequential:
+        tokens, hessians = calibration_hessians(model, opts.calib, progress=_stage(progress, "calibration"))
+        return Calibration(hessians, _calib_info(opts, tokens))
+    plan = plan or make_plan(ckpt.state_dict, opts.plan)
+    spec = opts.validate()
     tokens = calibration_tokens(model, opts.calib, _stage(progress, "calibration tokens"))
-    hessians = capture_hessians(model, tokens, batch=opts.calib.batch, progress=_stage(progress, "hessians"))
-    return hessians, dataclasses.asdict(opts.calib) | {"tokens": int(tokens.numel())}
+    quantized: dict[str, tuple[QuantizedTensor, TensorReport]] = {}
+
+    def quantize_fn(name: str, weight: torch.Tensor, hessian: Hessian) -> torch.Tensor:
+        tp = plan.get(name)
+        if tp is None or tp.bits is None:
+            return weight
+        quantized[name] = _quantize_one(ckpt.state_dict[name], tp, tp.bits, spec, hessian.H, opts)
+        return quantized[name][0].dequantize(weight.dtype)
+
+    hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=opts.calib.batch,
+                                           progress=_stage(progress, "sequential hessians"))
+    return Calibration(hessians, _calib_info(opts, tokens) | {"sequential": True}, quantized)
+
+
+def _calib_info(opts: QuantizeOptions, tokens: torch.Tensor) -> dict:
+    return dataclasses.asdict(opts.calib) | {"tokens": int(tokens.numel())}
 
 
 def _stage(progress: Progress | None, stage: str):
@@ -216,19 +260,20 @@ def _apply_lqer(out: dict, sd: dict, hessians: dict[str, Hessian], lq: LqerOptio
 
 
 def quantize_checkpoint(ckpt_path, out_path, opts: QuantizeOptions, code_path=None, packed_code: bool = False,
-                        progress: Progress | None = None, on_tensor=None) -> dict:
+                        progress: Progress | None = None, on_tensor=None, calibration: Calibration | None = None
+                        ) -> dict:
     """Quantize a checkpoint file into an artifact file; returns a summary (the CLI's JSON)."""
     ckpt = load_checkpoint(ckpt_path)
     code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
     extra = {"checkpoint": Path(ckpt_path).name, "model_config": ckpt.config}
     budget_summary: dict = {}
     if opts.budget is None:
-        result = quantize_state_dict(ckpt, opts, progress, on_tensor)
+        result = quantize_state_dict(ckpt, opts, progress, on_tensor, calibration)
         artifact_bytes = write_artifact(out_path, result.tensors, result.plan, result.meta | extra,
                                         exhaustive=opts.exhaustive).total_bytes
     else:
         result, info, budget_summary = quantize_to_budget(ckpt, opts, out_path, code_bytes, extra, progress,
-                                                          on_tensor)
+                                                          on_tensor, calibration)
         artifact_bytes = info.total_bytes
     return {
         "artifact": str(out_path),
@@ -268,8 +313,8 @@ class _BudgetRun:
 
 
 def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, out_path, code_bytes: int, extra_meta: dict,
-                       progress: Progress | None = None, on_tensor: Callable[[TensorReport], None] | None = None
-                       ) -> tuple[QuantizeResult, ArtifactInfo, dict]:
+                       progress: Progress | None = None, on_tensor: Callable[[TensorReport], None] | None = None,
+                       calibration: Calibration | None = None) -> tuple[QuantizeResult, ArtifactInfo, dict]:
     """Write an artifact with artifact + code bytes <= opts.budget, and within BUDGET_TOLERANCE of it when the
     widths can reach it: allocation (widths x SDClip k per free tensor, golfquant.quant.allocate), or with
     opts.prune_to_budget the plan as given plus selective ±1 pruning. Every size is confirmed by compressing.
@@ -278,7 +323,7 @@ def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, out_path, code_b
     sd = ckpt.state_dict
     plan = make_plan(sd, opts.plan)
     meta: dict = {"method": opts.method, "clip": str(spec), "budget": opts.budget}
-    hessians = _hessians_for(ckpt, opts, plan, meta, progress)
+    hessians = _calibration_for(ckpt, opts, plan, meta, progress, calibration).hessians
     means = sorted(float(torch.diagonal(h.H, dim1=-2, dim2=-1).mean()) for h in hessians.values())
     h_default = means[len(means) // 2] if means else 1.0
     meta["pruned_codes"] = 0

@@ -25,6 +25,8 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
 @click.option("--block-size", default=128, show_default=True, help="GPTQ block size.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ column order by diag(H).")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, a fraction of mean(diag H).")
+@click.option("--sequential", is_flag=True,
+              help="GPTQ block by block: each block's Hessians collected with the earlier blocks already quantized.")
 @click.option("--lqer", default=None, metavar="top=K,rank=R", help="Low-rank error correction of the K worst tensors.")
 @model_options
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
@@ -38,7 +40,8 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
 @click.option("--exhaustive", is_flag=True, help="Compress every section with every codec x layout (slow).")
 @json_option
 def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
-             calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, lqer, heads,
+             calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, sequential, lqer,
+             heads,
              model_spec, model_args, code_path, packed_code, budget, prune_to_budget, exhaustive, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
     given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip"))
@@ -51,7 +54,7 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None,
         budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
         fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
-        exhaustive=exhaustive)
+        exhaustive=exhaustive, sequential=sequential)
     opts.validate()
     with render.stage_progress(enabled=not as_json) as progress:
         summary = quantize_checkpoint(ckpt, out, opts, code_path, packed_code, progress=progress,

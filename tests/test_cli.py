@@ -106,3 +106,11 @@ def test_data_build_writes_shards_and_tokenizer(tmp_path):
     assert (tmp_path / "ds" / "tokenizer.model").is_file()
     assert list((tmp_path / "ds").glob("fineweb_val_*.bin")) and list((tmp_path / "ds").glob("fineweb_train_*.bin"))
     assert r
+
+
+def test_sequential_gptq_quantizes_block_by_block(ckpt, tmp_path):
+    q = invoke_json("quantize", ckpt, "-o", tmp_path / "s.gqa", "--method", "gptq", "--sequential", "--mlp", "int4",
+                    "--float-max-numel", "0", "--calib-seqs", 2, "--calib-len", 16)
+    assert q["meta"]["calibration"]["sequential"] is True
+    assert {r["method"] for r in q["reports"]} == {"gptq"}
+    assert invoke("quantize", ckpt, "--sequential", "-o", tmp_path / "x.gqa").exit_code == 2  # needs gptq
