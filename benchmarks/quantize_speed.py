@@ -2,11 +2,10 @@
 
 Model: a randomly initialized baseline GPT (9 x 512, vocab 1024, seq_len 1024) whose matrices are drawn
 N(0, 1/fan_in) like trained weights. For each thread count (default 2, then 1) this runs
-1. the library's quantize path end to end (`pipeline.quantize_checkpoint`: calibration tokens, Hessian capture,
-   GPTQ of every matrix, artifact write) and reads its stage times from the summary (calibration meta,
-   per-matrix reports), the artifact write being the rest of the wall time;
-2. the one-pass calibration `calib.calibration_hessians` (Hessians collected while generating), checked
-   against the pipeline's tokens and Hessians, and the total the pipeline would take using it.
+the library's quantize path stage by stage: `pipeline.calibrate` (self-generated tokens with the Hessians collected
+during KV-cache generation), `pipeline.quantize_state_dict` (GPTQ of every matrix), `artifact.write_artifact`.
+A short check first confirms that the one-pass calibration gives the same tokens as plain generation and the
+Hessians of a separate capture pass.
 Nothing is extrapolated. Other processes on the machine slow every number; the load average and the process's
 CPU seconds (time.process_time, all threads) are recorded beside the wall times.
 
@@ -19,23 +18,20 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from golfquant.atomic import atomic_write_text  # noqa: E402
-from golfquant.calib import CalibConfig, calibration_hessians, capture_hessians, generate_tokens  # noqa: E402
-from golfquant.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from golfquant.factory import build_model  # noqa: E402
-from golfquant.model import GPT, GPTConfig  # noqa: E402
-from golfquant.pipeline import QuantizeOptions, quantize_checkpoint  # noqa: E402
-from golfquant.plan import PlanOptions  # noqa: E402
+from golfquant.artifact import write_artifact
+from golfquant.atomic import atomic_write_text
+from golfquant.calib import CalibConfig, calibration_hessians, capture_hessians, generate_tokens
+from golfquant.checkpoint import load_checkpoint, save_checkpoint
+from golfquant.factory import build_model
+from golfquant.model import GPT, GPTConfig
+from golfquant.pipeline import QuantizeOptions, calibrate, quantize_state_dict
+from golfquant.plan import PlanOptions
 
 
 def random_baseline_checkpoint(path: Path, seed: int) -> None:
@@ -47,47 +43,29 @@ def random_baseline_checkpoint(path: Path, seed: int) -> None:
     save_checkpoint(path, sd, config.to_dict())
 
 
-def quantize_run(ckpt: Path, out: Path, calib: CalibConfig, clip: str) -> dict:
-    opts = QuantizeOptions(plan=PlanOptions(mlp="int6", attn="int6", embed="int8"), method="gptq", clip=clip,
-                           calib=calib)
-    start, cpu = time.perf_counter(), time.process_time()
-    summary = quantize_checkpoint(ckpt, out, opts)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    cal = summary["meta"]["calibration"]
-    reports = summary["reports"]
-    gptq_s = sum(r["seconds"] for r in reports)
-    slowest = max(reports, key=lambda r: r["seconds"])
-    return {"wall_s": round(wall, 2), "process_cpu_s": round(cpu, 2), "generate_s": cal["generate_seconds"], "hessians_s": cal["hessian_seconds"],
-            "gptq_s": round(gptq_s, 2), "matrices": len(reports),
-            "slowest_matrix": {"name": slowest["name"], "seconds": round(slowest["seconds"], 3)},
-            "rest_s": round(wall - cal["generate_seconds"] - cal["hessian_seconds"] - gptq_s, 2),
-            "artifact_bytes": summary["artifact_bytes"]}
-
-
-def one_pass_calibration(ckpt: Path, calib: CalibConfig) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of calib.calibration_hessians."""
-    c = load_checkpoint(ckpt)
-    model = build_model(c.state_dict, c.config).eval()
-    start, cpu = time.perf_counter(), time.process_time()
-    calibration_hessians(model, calib)
-    return time.perf_counter() - start, time.process_time() - cpu
-
-
 def bench_threads(threads: int, ckpt: Path, tmp: Path, args: argparse.Namespace) -> dict:
+    """The library's quantize path stage by stage: calibration (tokens + Hessians), GPTQ of every matrix, write."""
     torch.set_num_threads(threads)
-    calib = CalibConfig(seqs=args.seqs, batch=args.batch, seed=args.seed)
+    opts = QuantizeOptions(plan=PlanOptions(mlp="int6", attn="int6", embed="int8"), method="gptq", clip=args.clip,
+                           calib=CalibConfig(seqs=args.seqs, batch=args.batch, seed=args.seed))
     load_before = os.getloadavg()[0]
-    pipe = quantize_run(ckpt, tmp / f"t{threads}.gq", calib, args.clip)
-    fused_s, fused_cpu = one_pass_calibration(ckpt, calib)
-    row = {"threads": threads, "load_avg_1min_before": round(load_before, 2), "pipeline": pipe,
-           "one_pass_calibration_s": round(fused_s, 2), "one_pass_calibration_cpu_s": round(fused_cpu, 2),
-           "total_with_one_pass_s": round(fused_s + pipe["gptq_s"] + pipe["rest_s"], 2)}
-    print(f"threads={threads} (load avg {load_before:.1f}): generate {pipe['generate_s']} s | Hessians "
-          f"{pipe['hessians_s']} s | GPTQ {pipe['gptq_s']} s for {pipe['matrices']} matrices (slowest "
-          f"{pipe['slowest_matrix']['name']} {pipe['slowest_matrix']['seconds']} s) | write+rest {pipe['rest_s']} s"
-          f" | quantize total {pipe['wall_s']} s ({pipe['process_cpu_s']} CPU-s)")
-    print(f"threads={threads}: one-pass calibration (generation + Hessians) {row['one_pass_calibration_s']} s ({fused_cpu:.1f} CPU-s) "
-          f"-> quantize total with it {row['total_with_one_pass_s']} s")
+    ck = load_checkpoint(ckpt)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    calibration = calibrate(ck, opts)
+    t1 = time.perf_counter()
+    result = quantize_state_dict(ck, opts, calibration=calibration)
+    t2 = time.perf_counter()
+    info = write_artifact(tmp / f"t{threads}.gq", result.tensors, result.plan, result.meta)
+    t3, cpu = time.perf_counter(), time.process_time() - cpu0
+    slowest = max(result.reports, key=lambda r: r.seconds)
+    row = {"threads": threads, "load_avg_1min_before": round(load_before, 2),
+           "calibration_s": round(t1 - t0, 2), "gptq_s": round(t2 - t1, 2), "matrices": len(result.reports),
+           "slowest_matrix": {"name": slowest.name, "seconds": round(slowest.seconds, 3)},
+           "write_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2), "process_cpu_s": round(cpu, 2),
+           "artifact_bytes": info.total_bytes}
+    print(f"threads={threads} (load avg {load_before:.1f}): calibration {row['calibration_s']} s | GPTQ "
+          f"{row['gptq_s']} s for {row['matrices']} matrices (slowest {slowest.name} {slowest.seconds:.2f} s) | "
+          f"write {row['write_s']} s | total {row['total_s']} s ({row['process_cpu_s']} CPU-s)", flush=True)
     return row
 
 

@@ -54,9 +54,10 @@ def _register() -> None:
     from golfquant_cli.quantize_cmd import quantize
     from golfquant_cli.roundtrip_cmd import roundtrip_eval_cmd
     from golfquant_cli.size_report_cmd import size_report
+    from golfquant_cli.sweep_cmd import sweep
     from golfquant_cli.train_cmd import train
 
-    for command in (quantize, size_report, roundtrip_eval_cmd, train, data, pack_code, export_loader, demo):
+    for command in (quantize, size_report, roundtrip_eval_cmd, sweep, train, data, pack_code, export_loader, demo):
         cli.add_command(command)
 
 
