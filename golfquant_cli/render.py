@@ -101,9 +101,9 @@ def print_roundtrip(r: dict) -> None:
         ("quantized", f"{r['quantized']['val_loss']:.4f}", fmt_bpb(r["quantized"]["val_bpb"])),
         ("gap", "", f"{r['gap_bpb']:+.4f}"),
     ]
-    window = f"stride {r['stride']}" if r["stride"] else "non-overlapping"
-    title = f"roundtrip on {r['tokens']:,} tokens ({r['bytes']:,} bytes), seq_len {r['seq_len']}, {window}"
-    console.print(table(title, ["model", "val_loss", "val_bpb"], rows, right=["val_loss", "val_bpb"]))
+    window = f"sliding window, stride {r['stride']}" if r["stride"] else "non-overlapping windows"
+    console.print(table("roundtrip-eval", ["model", "val_loss", "val_bpb"], rows, right=["val_loss", "val_bpb"]))
+    console.print(f"on {r['tokens']:,} validation tokens ({r['bytes']:,} bytes), seq_len {r['seq_len']}, {window}")
 
 
 def _opt(value, fmt: str) -> str:
