@@ -40,17 +40,21 @@ def _zlib_compress(data: bytes) -> bytes:
     return zlib.compress(data, 9)
 
 
-def _zlib_decompress(data: bytes, max_size: int) -> bytes:
-    d = zlib.decompressobj()
+def _bounded(name: str, d, error: type[Exception], data: bytes, max_size: int) -> bytes:
+    """One call of a zlib/lzma-style decompressor object, stopped one byte past max_size."""
     try:
         out = d.decompress(data, max_size + 1)
-    except zlib.error as e:
-        raise ArtifactError(f"zlib section is damaged: {e}") from None
+    except error as e:
+        raise ArtifactError(f"{name} section is damaged: {e}") from None
     if len(out) > max_size:
-        raise _too_big("zlib", max_size)
+        raise _too_big(name, max_size)
     if not d.eof or d.unused_data:
-        raise ArtifactError("zlib section is truncated or has trailing bytes")
+        raise ArtifactError(f"{name} section is truncated or has trailing bytes")
     return out
+
+
+def _zlib_decompress(data: bytes, max_size: int) -> bytes:
+    return _bounded("zlib", zlib.decompressobj(), zlib.error, data, max_size)
 
 
 # Raw LZMA2 (no xz container: saves ~60 bytes per stream) at preset 9e. lc=lp=pb=0 measured smallest on int8 and
@@ -74,15 +78,7 @@ def _lzma_compress(data: bytes) -> bytes:
 def _lzma_decompress(data: bytes, max_size: int) -> bytes:
     # Valid: a stream of at most max_size bytes never matches further back than max_size.
     d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_lzma_filters(max_size))
-    try:
-        out = d.decompress(data, max_length=max_size + 1)
-    except lzma.LZMAError as e:
-        raise ArtifactError(f"lzma section is damaged: {e}") from None
-    if len(out) > max_size:
-        raise _too_big("lzma", max_size)
-    if not d.eof or d.unused_data:
-        raise ArtifactError("lzma section is truncated or has trailing bytes")
-    return out
+    return _bounded("lzma", d, lzma.LZMAError, data, max_size)
 
 
 def _zstd_compress(data: bytes) -> bytes:
