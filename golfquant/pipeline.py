@@ -20,7 +20,7 @@ from golfquant.calib import (CalibConfig, Hessian, calibration_hessians, calibra
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.codepack import code_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
-from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
+from golfquant.data import ByteLUTs, build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.factory import build_model
@@ -480,20 +480,38 @@ class RoundtripOptions:
     packed: bool = False  # run quantized Linears from packed codes (kernels.QuantLinear)
 
 
+@dataclass
+class EvalSetup:
+    """The float model and what its val_bpb needs, loaded once and checked against each other."""
+
+    model: torch.nn.Module
+    tokens: torch.Tensor
+    luts: ByteLUTs
+    seq_len: int
+
+
+def prepare_eval(ckpt: Checkpoint, val_pattern: str, tokenizer, max_tokens: int | None, seq_len: int | None = None,
+                 model_spec: str | None = None, num_heads: int | None = None,
+                 model_args: dict | None = None) -> EvalSetup:
+    """The first max_tokens + 1 validation tokens (all when None), the tokenizer's byte tables, the float model."""
+    model = build_model(ckpt.state_dict, ckpt.config, model_spec, num_heads, model_args).eval()
+    vocab = _vocab_size(model, ckpt.state_dict)
+    luts = build_byte_luts(tokenizer, vocab)
+    check_tokenizer_fits(luts, vocab)
+    tokens = load_tokens(val_pattern, None if max_tokens is None else max_tokens + 1)
+    check_tokens_fit(tokens, min(vocab, luts.tokenizer_vocab))
+    seq_len = seq_len or int(getattr(getattr(model, "config", None), "seq_len", 1024))
+    return EvalSetup(model, tokens, luts, seq_len)
+
+
 def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: Progress | None = None) -> dict:
     """val_loss / val_bpb of the float checkpoint and of the artifact's dequantized weights, on the same tokens."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args).eval()
-    vocab = _vocab_size(model, ckpt.state_dict)
-    luts = build_byte_luts(opts.tokenizer, vocab)
-    check_tokenizer_fits(luts, vocab)
-    max_tokens = None if opts.max_tokens is None else opts.max_tokens + 1
-    tokens = load_tokens(opts.val_pattern, max_tokens)
-    check_tokens_fit(tokens, min(vocab, luts.tokenizer_vocab))
-    seq_len = opts.seq_len or int(getattr(getattr(model, "config", None), "seq_len", 1024))
+    ev = prepare_eval(load_checkpoint(ckpt_path), opts.val_pattern, opts.tokenizer, opts.max_tokens, opts.seq_len,
+                      opts.model_spec, opts.num_heads, opts.model_args)
+    model, seq_len = ev.model, ev.seq_len
 
     def run(stage: str) -> EvalResult:
-        return eval_val_bpb(model, tokens, luts, seq_len, batch_seqs=opts.batch_seqs, stride=opts.stride,
+        return eval_val_bpb(model, ev.tokens, ev.luts, seq_len, batch_seqs=opts.batch_seqs, stride=opts.stride,
                             progress=_stage(progress, stage))
 
     float_res = run("float")

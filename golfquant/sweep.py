@@ -28,15 +28,13 @@ from typing import Callable
 import torch
 
 from golfquant.atomic import atomic_write_text
-from golfquant.calib import CalibConfig, vocab_size
+from golfquant.calib import CalibConfig
 from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.codepack import code_size
-from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import GolfquantError, OptionError
 from golfquant.evaluate import eval_val_bpb
-from golfquant.factory import build_model
 from golfquant.pipeline import (Calibration, LqerOptions, QuantizeOptions, calibrate, load_quantized_weights,
-                                quantize_checkpoint)
+                                prepare_eval, quantize_checkpoint)
 from golfquant.plan import FLOAT_SCHEMES, PlanOptions, make_plan
 from golfquant.quant.clip import RECORD_K, RECORD_K_BITS, entropy_bits, parse_clip, round_codes, row_scales
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS
@@ -219,13 +217,8 @@ class _Evaluator:
     """The float model and the validation tokens, loaded once; each artifact's weights are loaded into the model."""
 
     def __init__(self, ckpt: Checkpoint, opts: SweepOptions):
-        self.model = build_model(ckpt.state_dict, ckpt.config).eval()
-        vocab = vocab_size(self.model)
-        self.luts = build_byte_luts(opts.tokenizer, vocab)
-        check_tokenizer_fits(self.luts, vocab)
-        self.tokens = load_tokens(opts.val_pattern, None if opts.max_tokens is None else opts.max_tokens + 1)
-        check_tokens_fit(self.tokens, vocab)
-        self.seq_len = int(getattr(getattr(self.model, "config", None), "seq_len", 1024))
+        ev = prepare_eval(ckpt, opts.val_pattern, opts.tokenizer, opts.max_tokens)
+        self.model, self.tokens, self.luts, self.seq_len = ev.model, ev.tokens, ev.luts, ev.seq_len
         self.float_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.batch_seqs = opts.batch_seqs
 
