@@ -16,7 +16,7 @@ import torch
 
 from golfquant.artifact import ArtifactInfo, PackedTensor, load_artifact, read_artifact, write_artifact
 from golfquant.calib import (CalibConfig, Hessian, calibration_hessians, calibration_tokens,
-                             capture_hessians_sequential)
+                             capture_hessians_sequential, vocab_size)
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.codepack import code_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
@@ -495,7 +495,7 @@ def prepare_eval(ckpt: Checkpoint, val_pattern: str, tokenizer, max_tokens: int 
                  model_args: dict | None = None) -> EvalSetup:
     """The first max_tokens + 1 validation tokens (all when None), the tokenizer's byte tables, the float model."""
     model = build_model(ckpt.state_dict, ckpt.config, model_spec, num_heads, model_args).eval()
-    vocab = _vocab_size(model, ckpt.state_dict)
+    vocab = vocab_size(model)
     luts = build_byte_luts(tokenizer, vocab)
     check_tokenizer_fits(luts, vocab)
     tokens = load_tokens(val_pattern, None if max_tokens is None else max_tokens + 1)
@@ -566,10 +566,3 @@ def _check_same_tensors(own: dict, sd: dict, artifact_path) -> None:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
         raise OptionError(f"artifact {artifact_path} does not match the model: {detail}")
-
-
-def _vocab_size(model: torch.nn.Module, sd: dict) -> int:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "vocab_size"):
-        return int(config.vocab_size)
-    return int(sd["tok_emb.weight"].shape[0])
