@@ -23,7 +23,7 @@ from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compre
 from golfquant.codec.sizemodel import RANS, byte_entropy, estimate_codes_section, estimate_stream_bytes
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
-from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
+from golfquant.plan import (DTYPES, cast_to_scheme, scheme_of_dtype, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
                             scheme_bits)
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, qmax
 
@@ -192,10 +192,6 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _scheme_for_dtype(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, "raw")
-
-
 def _describe(name: str, value: QuantizedTensor | torch.Tensor, plan_entry: TensorPlan | str | None) -> dict:
     """The manifest entry (without section refs) of one tensor, checked against its plan entry."""
     is_quant = isinstance(value, QuantizedTensor)
@@ -206,7 +202,7 @@ def _describe(name: str, value: QuantizedTensor | torch.Tensor, plan_entry: Tens
             raise ValueError(f"tensor '{name}' has shape {shape} but its plan says {list(plan_entry.shape)}")
     else:
         role = plan_entry or role_of(name)
-        scheme = f"int{value.bits}" if is_quant else _scheme_for_dtype(value.dtype)
+        scheme = f"int{value.bits}" if is_quant else scheme_of_dtype(value.dtype)
         dtype = "float32" if is_quant else dtype_name(value.dtype)
     if role not in ROLES:
         raise ValueError(f"tensor '{name}' has unknown role '{role}': use one of {', '.join(ROLES)}")
@@ -215,10 +211,6 @@ def _describe(name: str, value: QuantizedTensor | torch.Tensor, plan_entry: Tens
         raise ValueError(f"tensor '{name}' is {got} but its plan scheme is {scheme}")
     return {"name": name, "shape": shape, "dtype": dtype, "role": role, "scheme": scheme,
             "bits": value.bits if is_quant else None, "kind": "quant" if is_quant else "float"}
-
-
-def _stored_tensor(value: torch.Tensor, scheme: str) -> torch.Tensor:
-    return value.to(FLOAT_SCHEMES[scheme]) if scheme in FLOAT_SCHEMES else value
 
 
 def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
@@ -293,7 +285,7 @@ def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTenso
                                  "b_codes": add_codes(f"lqer.b:{name}", lq.b_codes, lq.b_bits),
                                  "a_scale": add_scales(lq.a_scale), "b_scales": add_scales(lq.b_scales)}
         else:
-            stored = _stored_tensor(value, entry["scheme"])
+            stored = cast_to_scheme(value, entry["scheme"])
             size = stored.element_size()
             data_raw.setdefault(size, []).append(_raw_bytes(stored))
             entry["data"] = {"section": size, "offset": data_len.get(size, 0), "dtype": dtype_name(stored.dtype)}

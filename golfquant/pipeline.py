@@ -24,7 +24,7 @@ from golfquant.data import ByteLUTs, build_byte_luts, check_tokenizer_fits, chec
 from golfquant.errors import OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.factory import build_model
-from golfquant.plan import PlanOptions, TensorPlan, make_plan
+from golfquant.plan import PlanOptions, TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import WIDTHS, allocate, measure_candidates, sdclip_candidates
 from golfquant.quant.clip import ClipSpec, entropy_bits, hessian_weighted_error, parse_clip, round_codes, row_scales
@@ -150,7 +150,7 @@ def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progr
     reports: list[TensorReport] = []
     for name, tp in plan.items():
         if tp.bits is None:
-            out[name] = _passthrough(sd[name], tp.scheme)
+            out[name] = cast_to_scheme(sd[name], tp.scheme)
             continue
         if name in calibration.quantized:
             out[name], report = calibration.quantized[name]
@@ -205,11 +205,6 @@ def _clip_for(spec: ClipSpec, hessian: torch.Tensor | None) -> ClipSpec:
     if spec.method in _HESSIAN_CLIPS and hessian is None:
         return dataclasses.replace(spec, method="sdclip", lam=0.0)
     return spec
-
-
-def _passthrough(t: torch.Tensor, scheme: str) -> torch.Tensor:
-    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}.get(scheme)
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
@@ -332,7 +327,7 @@ def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, out_path, code_b
                      opts.budget - code_bytes)
     if run.budget <= 0:
         raise OptionError(f"budget {opts.budget:,} bytes is used up by the {code_bytes:,} code bytes alone")
-    tensors = {n: _passthrough(sd[n], tp.scheme) for n, tp in plan.items() if tp.bits is None}
+    tensors = {n: cast_to_scheme(sd[n], tp.scheme) for n, tp in plan.items() if tp.bits is None}
 
     def report(r: TensorReport) -> None:
         reports.append(r)

@@ -31,6 +31,17 @@ _ROLE_PATTERNS = (
 
 INT_SCHEMES = tuple(f"int{b}" for b in range(MIN_BITS, MAX_BITS + 1))
 FLOAT_SCHEMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cast_to_scheme(t: torch.Tensor, scheme: str) -> torch.Tensor:
+    """A passthrough tensor as stored: float schemes cast, everything else as it is."""
+    return t.to(FLOAT_SCHEMES[scheme]) if scheme in FLOAT_SCHEMES else t
+
+
+def scheme_of_dtype(dtype: torch.dtype) -> str:
+    return {d: s for s, d in FLOAT_SCHEMES.items()}.get(dtype, "raw")
+
+
 # "raw" is never chosen by the user: non-float tensors (int buffers, masks) are stored as they are.
 SCHEMES = INT_SCHEMES + tuple(FLOAT_SCHEMES) + ("raw",)
 

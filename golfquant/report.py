@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from golfquant.artifact import artifact_sizes, read_artifact
 from golfquant.codec import CODES_CODECS, compress
 from golfquant.codec.entropy import EntropyBounds, bytes_bound
 from golfquant.codec.sizemodel import RANS, estimate_codes_section
-from golfquant.plan import DTYPES
+from golfquant.plan import FLOAT_SCHEMES
 from golfquant.quant import QuantizedTensor
 
 CAP_BYTES = 16_000_000
@@ -26,7 +28,7 @@ def size_report(artifact_path, code_bytes: int = 0, budget: int = CAP_BYTES, ent
     bounds = _entropy_bounds(artifact_path) if entropy else {}
     tensors = []
     for t in info.tensors:
-        raw = t.numel * t.bits // 8 if t.bits else t.numel * DTYPES[_float_dtype(t.scheme)].itemsize
+        raw = t.numel * t.bits // 8 if t.bits else t.numel * FLOAT_SCHEMES.get(t.scheme, torch.float32).itemsize
         row = {
             "name": t.name, "role": t.role, "shape": list(t.shape), "scheme": t.scheme, "bits": t.bits,
             "elements": t.numel, "raw_bytes": raw, "compressed_bytes": t.total, "codes_bytes": t.codes_bytes,
@@ -86,10 +88,6 @@ def _compare_codecs(artifact_path) -> list[dict]:
                      "chosen": f"{codec}/{layout}" if layout else codec,
                      "estimates": {f"{c}/{l}" if l else c: e for (c, l), e in est.bytes.items()}})
     return rows
-
-
-def _float_dtype(scheme: str) -> str:
-    return {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}.get(scheme, "float32")
 
 
 def _entropy_bounds(artifact_path) -> dict[str, EntropyBounds]:
