@@ -25,7 +25,8 @@ import torch
 from golfquant.atomic import atomic_write_text
 from golfquant.calib import CalibConfig
 from golfquant.data import default_tokenizer_path, default_val_pattern
-from golfquant.pipeline import QuantizeOptions, RoundtripOptions, quantize_checkpoint, roundtrip_eval
+from golfquant.api import quantize_checkpoint
+from golfquant.pipeline import QuantizeOptions, RoundtripOptions, roundtrip_eval
 from golfquant.plan import PlanOptions
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "golfquant" / "assets" / "model.pt"

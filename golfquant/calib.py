@@ -14,7 +14,7 @@ Model contract (ours and user models from `--model FILE.py:CALLABLE`): logits [B
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -36,7 +36,8 @@ class CalibConfig:
 
     seq_len None means the model's training sequence length. first_token "uniform" draws the first token of
     each generated sequence uniformly over the vocab (as the records do); "bos" starts every sequence with
-    `bos_id` (1 for the challenge's SentencePiece tokenizers). temperature 0 is greedy decoding.
+    `bos_id` (1 for the challenge's SentencePiece tokenizers). temperature 0 is greedy decoding. `holdout`: how
+    many tokens (whole sequences, at least one) `heldout_tokens` draws apart from the calibration ones.
     """
 
     source: str = "selfgen"
@@ -48,6 +49,7 @@ class CalibConfig:
     first_token: str = "uniform"
     bos_id: int = BOS_ID
     data_glob: str | None = None
+    holdout: int = 4096
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -58,6 +60,8 @@ class CalibConfig:
             raise OptionError(f"calibration needs seqs >= 1 and batch >= 1, got seqs={self.seqs} batch={self.batch}")
         if self.seq_len is not None and self.seq_len < 1:
             raise OptionError(f"calibration seq_len must be >= 1, got {self.seq_len}")
+        if self.holdout < 1:
+            raise OptionError(f"held-out calibration tokens must be >= 1, got {self.holdout}")
         if self.temperature < 0:
             raise OptionError(f"calibration temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.source == "shards" and not self.data_glob:
@@ -244,6 +248,20 @@ def calibration_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | 
     if cfg.source == "shards":
         return shard_tokens(cfg.data_glob, cfg.seqs, resolve_seq_len(model, cfg))
     return generate_tokens(model, cfg, progress)
+
+
+HOLDOUT_SEED_OFFSET = 0x5EED  # held-out sequences come from their own generator stream
+
+
+def heldout_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | None = None) -> torch.Tensor:
+    """ceil(cfg.holdout / seq_len) sequences [n, seq_len] that the calibration tokens do not contain: generated
+    from seed + HOLDOUT_SEED_OFFSET, or the shard tokens right after the calibration ones."""
+    seq_len = resolve_seq_len(model, cfg)
+    n = -(-cfg.holdout // seq_len)
+    if cfg.source == "shards":
+        return shard_tokens(cfg.data_glob, cfg.seqs + n, seq_len)[cfg.seqs:]
+    held = replace(cfg, seqs=n, batch=min(cfg.batch, n), seed=cfg.seed + HOLDOUT_SEED_OFFSET)
+    return generate_tokens(model, held, progress)
 
 
 def calibration_hessians(model: nn.Module, cfg: CalibConfig, include_embedding: bool = True,

@@ -129,7 +129,9 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape [1, 1, length, head_dim/2] for positions start..start+length-1."""
         end = start + length
-        if self._cos is None or self._cos.size(0) < end or self._cos.device != device:
+        # A table made under inference_mode cannot enter autograd (the sensitivity pass backpropagates): remake it.
+        stale = self._cos is not None and self._cos.is_inference() and not torch.is_inference_mode_enabled()
+        if self._cos is None or self._cos.size(0) < end or self._cos.device != device or stale:
             # Row p of the table is p * inv_freq in fp32 whatever the table length, so a slice of a longer
             # table is bit-identical to the baseline's per-length table.
             t = torch.arange(max(end, 2 * start), device=device, dtype=torch.float32)

@@ -33,9 +33,10 @@ from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.codepack import code_size
 from golfquant.errors import GolfquantError, OptionError
 from golfquant.evaluate import eval_val_bpb
-from golfquant.pipeline import (Calibration, LqerOptions, QuantizeOptions, calibrate, load_quantized_weights,
-                                prepare_eval, quantize_checkpoint)
+from golfquant.api import quantize_checkpoint
+from golfquant.pipeline import Calibration, QuantizeOptions, calibrate, load_quantized_weights, prepare_eval
 from golfquant.plan import FLOAT_SCHEMES, PlanOptions, make_plan
+from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.clip import RECORD_K, RECORD_K_BITS, entropy_bits, parse_clip, round_codes, row_scales
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS
 from golfquant.report import CAP_BYTES
@@ -195,7 +196,7 @@ def sweep(ckpt_path, opts: SweepOptions, progress: Progress | None = None,
     budgets = list(opts.budgets) or [round(f * reference) for f in DEFAULT_FRACTIONS]
     evaluator = _Evaluator(ckpt, opts)
     float_bpb = evaluator.bpb(None, progress)
-    calibration = calibrate(ckpt, QuantizeOptions(calib=opts.calib), progress)
+    calibration = calibrate(ckpt, QuantizeOptions(calib=opts.calib), progress, heldout="auto" in opts.methods)
     run = _Run(ckpt_path, opts, code_bytes, calibration, progress)
     points = []
     for method in opts.methods:
@@ -265,19 +266,19 @@ class _Run:
         stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', point.method)}_{point.budget}"
         return Path(self.opts.out_dir) / "artifacts" / (f"{stem}.gqa" if attempt is None else f".{stem}.{attempt}.gqa")
 
-    def _quantize(self, path: Path, opts: QuantizeOptions) -> dict:
+    def _quantize(self, path: Path, opts: QuantizeOptions, cache: bool | Path = False) -> dict:
         return quantize_checkpoint(self.ckpt_path, path, opts, self.opts.code_path, self.opts.packed_code,
-                                   progress=self.progress, calibration=self.calibration)
+                                   progress=self.progress, calibration=self.calibration, cache=cache)
 
     def _auto(self, point: SweepPoint) -> None:
         path = self._path(point)
-        opts = QuantizeOptions(method="gptq", calib=self.opts.calib, budget=point.budget,
-                               plan=PlanOptions(float_max_numel=self.opts.float_max_numel))
-        summary = self._quantize(path, opts)
-        widths: dict[int, int] = {}
+        opts = QuantizeOptions(method="gptq", calib=self.opts.calib, budget=point.budget)
+        # one measurement for every budget: the first point makes it, the others read it
+        summary = self._quantize(path, opts, cache=Path(self.opts.out_dir) / "artifacts" / "auto")
+        schemes: dict[str, int] = {}
         for a in summary["allocation"]:
-            widths[a["bits"]] = widths.get(a["bits"], 0) + 1
-        point.bits = ", ".join(f"int{b} x{n}" for b, n in sorted(widths.items()))
+            schemes[a["scheme"]] = schemes.get(a["scheme"], 0) + 1
+        point.bits = ", ".join(f"{s} x{n}" for s, n in sorted(schemes.items()))
         point.pruned_codes, point.attempts = summary["pruned_codes"], 1
         self._record(point, path, summary)
 

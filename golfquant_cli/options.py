@@ -7,7 +7,7 @@ import click
 
 from golfquant.calib import CalibConfig
 from golfquant.errors import OptionError
-from golfquant.pipeline import LqerOptions
+from golfquant.quant.lqer import LqerOptions
 from golfquant.plan import PlanOptions, parse_rule
 
 SCHEMES_HELP = "int2..int8, fp16, fp32"

@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from golfquant.factory import parse_model_args
-from golfquant.pipeline import QuantizeOptions, quantize_checkpoint
+from golfquant.api import quantize_checkpoint
+from golfquant.pipeline import QuantizeOptions
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
 from golfquant_cli.options import (calib_from_flags, calib_options, explicit_flags, json_option, model_options,
@@ -18,7 +19,8 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Artifact path [default: out/<checkpoint name>.gqa].")
 @plan_options
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="gptq: Cholesky GPTQ on self-generated calibration tokens; rtn: round to nearest (fast).")
 @click.option("--clip", default="amax", show_default=True,
               help="amax | pct:P | mse | sdclip:K (or sdclip:mlp=K,attn=K,embed=K,default=K) | hsdclip:K,lambda=L | size[:BPW]")
 @calib_options
@@ -33,8 +35,11 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
               help="Your train_gpt.py: its bytes count toward the cap.")
 @click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")
 @click.option("--budget", default=None, metavar="BYTES",
-              help="Fit artifact + code into BYTES (decimal, e.g. 16000000 or 16e6): widths and SDClip k are "
-                   "allocated per tensor; --mlp/--attn/--embed/--other/--clip/--rule given explicitly stay fixed.")
+              help="Fit artifact + code into BYTES (decimal, e.g. 16000000 or 16e6): every matrix's storage (fp16, "
+                   "width, clip, LQER) is chosen by measured damage; --mlp/--attn/--embed/--other/--clip/--rule/"
+                   "--float-max-numel given explicitly stay fixed.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="With --budget: keep the calibration and the measurement next to the output and reuse them.")
 @click.option("--prune-to-budget", is_flag=True,
               help="With --budget: keep the widths of the plan and zero the cheapest +-1 codes until it fits.")
 @click.option("--exhaustive", is_flag=True, help="Compress every section with every codec x layout (slow).")
@@ -42,9 +47,9 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
 def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
              calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, sequential, lqer,
              heads,
-             model_spec, model_args, code_path, packed_code, budget, prune_to_budget, exhaustive, as_json):
+             model_spec, model_args, code_path, packed_code, budget, cache, prune_to_budget, exhaustive, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
-    given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip"))
+    given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip", "float_max_numel"))
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
     out = out or Path("out") / f"{ckpt.stem}.gqa"
     opts = QuantizeOptions(
@@ -54,11 +59,11 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None,
         budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
         fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
-        exhaustive=exhaustive, sequential=sequential)
+        fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential)
     opts.validate()
     with render.stage_progress(enabled=not as_json) as progress:
         summary = quantize_checkpoint(ckpt, out, opts, code_path, packed_code, progress=progress,
-                                      on_tensor=None if as_json else render.print_tensor_report)
+                                      on_tensor=None if as_json else render.print_tensor_report, cache=cache)
     if as_json:
         render.emit_json(summary)
     else:

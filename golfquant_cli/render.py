@@ -88,10 +88,19 @@ def print_quantize_summary(summary: dict) -> None:
         rows.append(("budget used", f"{100 * summary['budget_used']:.2f}%"))
         rows.append(("pruned ±1 codes", fmt_bytes(summary["pruned_codes"])))
     if summary.get("allocation"):
-        alloc = [(a["name"], f"int{a['bits']}", a["clip"], "allocated" if a["free"] else "fixed by flags")
+        alloc = [(a["name"], a["scheme"], a["setting"], "chosen" if a["free"] else "fixed by flags")
                  for a in summary["allocation"]]
-        console.print(table(f"allocation to the budget ({summary['allocation_rounds']} compress rounds)",
-                            ["tensor", "width", "clip", "how"], alloc))
+        console.print(table(f"storage of every matrix (plan: {summary['chosen_plan']})",
+                            ["tensor", "scheme", "setting", "how"], alloc))
+    if summary.get("plans"):
+        m = summary["measurement"]
+        how = "cached" if m.get("cached") else f"{m.get('seconds', 0):.1f} s"
+        plans = [(p["plan"] + (" *" if p["chosen"] else ""), _opt(p["total_bytes"], ","),
+                  _opt(p["predicted_kl"], ".5f"), _opt(p["measured_kl"], ".5f")) for p in summary["plans"]]
+        console.print(table(f"plans at the budget (measurement of {m.get('candidates', 0):,} candidates: {how}; "
+                            f"KL in nats/token on {m.get('heldout_tokens', 0):,} held-out tokens; * = chosen)",
+                            ["plan", "total bytes", "predicted KL", "measured KL"], plans,
+                            right=["total bytes", "predicted KL", "measured KL"]))
     console.print(table("quantize", ["", "value"], rows, right=["value"]))
 
 

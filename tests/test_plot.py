@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from golfquant.errors import OptionError
-from golfquant.pipeline import QuantizeOptions, quantize_checkpoint
+from golfquant.api import quantize_checkpoint
+from golfquant.pipeline import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.plot import size_report_png, sweep_png
 from golfquant.report import size_report

@@ -9,7 +9,8 @@ from golfquant.artifact import read_artifact
 from golfquant.calib import CalibConfig
 from golfquant.codec.rans import fit_size_model
 from golfquant.errors import OptionError
-from golfquant.pipeline import QuantizeOptions, quantize_checkpoint
+from golfquant.api import quantize_checkpoint
+from golfquant.pipeline import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.quant.rtn import quantize_rtn

@@ -1,86 +1,51 @@
-"""Rate-distortion allocation: per tensor a width (int2..int8) and an SDClip k, least total error under a byte budget.
+"""The budget solver: one option per tensor, least total damage under a byte budget (a multiple-choice knapsack).
 
-Error proxy. For a linear layer y = W x, quantization adds E x to its output; with the calibration Hessian
-H = E[x xᵀ] (golfquant.calib: XᵀX / tokens) the mean squared output perturbation is tr(E H Eᵀ). A second-order
-expansion of the loss around the float model, with the loss curvature with respect to every layer output taken
-as the same multiple of the identity and cross-layer terms dropped, makes the loss increase proportional to the
-sum over tensors of tr(E H Eᵀ): the quantity GPTQ minimizes per layer, and the one the records' trace(H)
-ranking approximates (brief §2.8). It ignores how much the network amplifies each layer's perturbation, so it
-is a proxy, not the bpb; what it gets right is the scale of each layer's inputs, which is what the records'
-sensitivity ranking measured. A tensor without a Hessian is weighted as H = h̄·I with h̄ the median mean(diag H)
-over the tensors that have one (the caller passes `h_default`): its error counts like that of a typical layer.
-
-Rate: bytes of the codes per candidate from the caller's size function (an entropy estimate; the pipeline then
-corrects it per tensor with real compressed sizes and re-allocates). Allocation: each tensor's candidates are
-reduced to the lower convex hull of (bytes, error); starting from every tensor's smallest candidate, hull steps
-are taken greedily by error removed per byte (the Lagrangian solution at every multiplier), skipping a step
-that no longer fits and continuing with smaller ones, so the leftover bytes are used.
+Each tensor offers options with `bytes` and `damage` (golfquant.measure: measured once per checkpoint); damages
+add across tensors. `allocate` reduces each tensor's options to the lower convex hull of (bytes, damage) and,
+from every tensor's smallest option, takes hull steps greedily by damage removed per byte (the Lagrangian
+solution at every multiplier), skipping a step that no longer fits and continuing with smaller ones, so the
+leftover bytes are used. `fill` starts from a given choice (a uniform plan a user would write) and spends the
+leftover the same way over all options, not only the hull's.
 """
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
-
-import torch
-
-from golfquant.quant.clip import ClipSpec, RECORD_K, hessian_weighted_error, round_codes, row_scales
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
-
-WIDTHS = tuple(range(MIN_BITS, MAX_BITS + 1))
-# SDClip k around the records' int6 k = 12.85, scaled with the width ((b, k) ~ (b+1, 2k): the same step size).
-K_STEPS = (-2, -1, 0, 1, 2)  # k = 12.85 · 2^(b-6) · 2^(j/2)
+from typing import Mapping, Protocol, Sequence
 
 
-@dataclass(frozen=True)
-class Candidate:
-    bits: int
-    clip: ClipSpec
+class Option(Protocol):
     bytes: float
-    error: float
-
-    @property
-    def label(self) -> str:
-        return f"int{self.bits} {self.clip}"
+    damage: float
 
 
-def sdclip_candidates(widths: Sequence[int] = WIDTHS, steps: Sequence[int] = K_STEPS) -> list[tuple[int, ClipSpec]]:
-    """(bits, SDClip spec) pairs: per width the records' k scaled to that width, times 2^(j/2)."""
-    out = []
-    for b in widths:
-        for j in steps:
-            k = round(RECORD_K["default"] * 2.0 ** (b - 6) * 2.0 ** (j / 2), 4)
-            out.append((b, ClipSpec("sdclip", k=(("default", k),))))
-    return out
+Table = Mapping[str, Sequence[Option]]
+Choice = dict[str, int]
 
 
-def measure_candidates(w: torch.Tensor, hessian: torch.Tensor | None, h_default: float, role: str,
-                       options: Sequence[tuple[int, ClipSpec]], size: Callable[[torch.Tensor, int], float]
-                       ) -> list[Candidate]:
-    """RTN codes of w for every (bits, clip): bytes from `size(codes, bits)`, error tr(E H Eᵀ) (h_default·‖E‖²
-    without a Hessian)."""
-    w = w.float()
-    out = []
-    for bits, clip in options:
-        scales = row_scales(w, bits, clip, hessian, role)
-        qt = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
-        err = hessian_weighted_error(w, qt.dequantize(), hessian)
-        out.append(Candidate(bits, clip, size(qt.codes, bits), err if hessian is not None else h_default * err))
-    return out
+def total_bytes(table: Table, choice: Mapping[str, int]) -> float:
+    return sum(table[n][i].bytes for n, i in choice.items())
 
 
-def _hull(cands: Sequence[Candidate]) -> list[int]:
-    """Indices of the lower convex hull of (bytes, error), by increasing bytes and decreasing error."""
-    pts = sorted(range(len(cands)), key=lambda i: (cands[i].bytes, cands[i].error, i))
+def total_damage(table: Table, choice: Mapping[str, int]) -> float:
+    return sum(table[n][i].damage for n, i in choice.items())
+
+
+def smallest(table: Table) -> Choice:
+    """Every tensor's smallest option (the first of equal sizes)."""
+    return {n: min(range(len(opts)), key=lambda i, o=opts: (o[i].bytes, i)) for n, opts in table.items()}
+
+
+def _hull(opts: Sequence[Option]) -> list[int]:
+    """Indices of the lower convex hull of (bytes, damage), by increasing bytes and decreasing damage."""
+    pts = sorted(range(len(opts)), key=lambda i: (opts[i].bytes, opts[i].damage, i))
     hull: list[int] = []
     for i in pts:
-        if hull and cands[i].error >= cands[hull[-1]].error:
-            continue  # not smaller error for more bytes
+        if hull and opts[i].damage >= opts[hull[-1]].damage:
+            continue  # not less damage for more bytes
         while len(hull) >= 2:
-            a, b = cands[hull[-2]], cands[hull[-1]]
-            c = cands[i]
+            a, b, c = opts[hull[-2]], opts[hull[-1]], opts[i]
             # drop b if it lies on or above the segment a-c
-            if (b.error - a.error) * (c.bytes - a.bytes) >= (c.error - a.error) * (b.bytes - a.bytes):
+            if (b.damage - a.damage) * (c.bytes - a.bytes) >= (c.damage - a.damage) * (b.bytes - a.bytes):
                 hull.pop()
             else:
                 break
@@ -88,30 +53,23 @@ def _hull(cands: Sequence[Candidate]) -> list[int]:
     return hull
 
 
-def smallest_bytes(candidates: Mapping[str, Sequence[Candidate]],
-                   scale: Mapping[str, float] | None = None) -> float:
-    return sum(min(c.bytes for c in cs) * (scale or {}).get(n, 1.0) for n, cs in candidates.items())
-
-
-def allocate(candidates: Mapping[str, Sequence[Candidate]], budget: float,
-             scale: Mapping[str, float] | None = None) -> dict[str, int] | None:
-    """{name: index of the chosen candidate} with sum of bytes·scale[name] <= budget and least total error
-    (greedy on the convex hulls); None when even the smallest candidates exceed the budget."""
-    scale = dict(scale or {})
-    hulls = {n: _hull(cs) for n, cs in candidates.items()}
-    pos = {n: 0 for n in candidates}
-    total = sum(candidates[n][h[0]].bytes * scale.get(n, 1.0) for n, h in hulls.items())
+def allocate(table: Table, budget: float) -> Choice | None:
+    """{name: index of the chosen option} with total bytes <= budget and least total damage (greedy on the convex
+    hulls); None when even the smallest options exceed the budget."""
+    hulls = {n: _hull(opts) for n, opts in table.items()}
+    pos = {n: 0 for n in table}
+    total = sum(table[n][h[0]].bytes for n, h in hulls.items())
     if total > budget:
         return None
-    names = list(candidates)
+    names = list(table)
     heap: list[tuple[float, int]] = []
 
     def push(t: int) -> None:
         n = names[t]
         h, p = hulls[n], pos[n]
         if p + 1 < len(h):
-            a, b = candidates[n][h[p]], candidates[n][h[p + 1]]
-            heapq.heappush(heap, ((b.error - a.error) / ((b.bytes - a.bytes) * scale.get(n, 1.0)), t))
+            a, b = table[n][h[p]], table[n][h[p + 1]]
+            heapq.heappush(heap, ((b.damage - a.damage) / (b.bytes - a.bytes), t))
 
     for t in range(len(names)):
         push(t)
@@ -119,10 +77,34 @@ def allocate(candidates: Mapping[str, Sequence[Candidate]], budget: float,
         _, t = heapq.heappop(heap)
         n = names[t]
         h, p = hulls[n], pos[n]
-        step = (candidates[n][h[p + 1]].bytes - candidates[n][h[p]].bytes) * scale.get(n, 1.0)
+        step = table[n][h[p + 1]].bytes - table[n][h[p]].bytes
         if total + step > budget:
             continue  # this tensor's later steps are less efficient and larger: it stops here
         total += step
         pos[n] = p + 1
         push(t)
     return {n: hulls[n][pos[n]] for n in names}
+
+
+def fill(table: Table, start: Mapping[str, int], budget: float) -> Choice:
+    """`start` with its leftover bytes spent greedily: repeatedly the move of one tensor to an option with less
+    damage that removes the most damage per added byte and still fits (ties: table order)."""
+    choice = dict(start)
+    total = total_bytes(table, choice)
+    while True:
+        best = None
+        for n, opts in table.items():
+            cur = opts[choice[n]]
+            for i, o in enumerate(opts):
+                added = o.bytes - cur.bytes
+                gain = cur.damage - o.damage
+                if gain <= 0 or total + added > budget:
+                    continue
+                rate = gain / added if added > 0 else float("inf")
+                if best is None or rate > best[0]:
+                    best = (rate, n, i, added)
+        if best is None:
+            return choice
+        _, n, i, added = best
+        choice[n] = i
+        total += added

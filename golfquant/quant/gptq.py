@@ -18,7 +18,8 @@ from golfquant.errors import DataError
 from golfquant.quant.clip import hessian_weighted_error, round_codes
 from golfquant.quant.qtensor import QuantizedTensor, qmax
 
-__all__ = ["GPTQStats", "gptq_quantize", "hessian_weighted_error", "inverse_cholesky"]
+__all__ = ["GPTQStats", "PreparedHessian", "gptq_quantize", "hessian_weighted_error", "inverse_cholesky",
+           "prepare_hessian"]
 
 log = logging.getLogger(__name__)
 ESCALATIONS = 3  # damp, 10·damp, 100·damp, 1000·damp, then the eigenvalue shift
@@ -29,8 +30,8 @@ _FIRST_ESCALATED_DAMP = 0.01  # when the caller asked for damp = 0
 class GPTQStats:
     damp_used: float  # final damping as a fraction of mean(diag H); the largest over the slices of a bank
     escalations: int  # damping retries (eigenvalue shift included), summed over slices
-    hessian_error: float  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given
-    rtn_error: float  # the same for round-to-nearest at the same scales
+    hessian_error: float | None  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given
+    rtn_error: float | None  # the same for round-to-nearest at the same scales
     seconds: float
 
 
@@ -65,51 +66,81 @@ def _try_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     return upper if info == 0 and bool(torch.isfinite(upper).all()) else None
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int = 128,
-                  act_order: bool = True, damp: float = 0.01) -> tuple[QuantizedTensor, GPTQStats]:
-    """GPTQ of w [rows, cols] (or a bank [S, rows, cols]) given H [cols, cols] (or [S, cols, cols]) and fp16 row
-    scales [rows] (or [S, rows]). Deterministic for a given torch build and thread count."""
-    start = time.perf_counter()
-    if block_size < 1 or damp < 0:
-        raise ValueError(f"block_size must be >= 1 and damp >= 0, got {block_size}, {damp}")
-    if w.dim() == 2:
-        codes, damp_used, escalations = _gptq_2d(w, hessian, bits, scales, block_size, act_order, damp)
-    elif w.dim() == 3:
-        hs = hessian if hessian.dim() == 3 else hessian.expand(w.shape[0], -1, -1)
-        parts = [_gptq_2d(*args, bits, s, block_size, act_order, damp) for args, s in zip(zip(w, hs), scales)]
-        codes = torch.stack([p[0] for p in parts])
-        damp_used, escalations = max(p[1] for p in parts), sum(p[2] for p in parts)
-    else:
-        raise ValueError(f"gptq_quantize expects a 2-D or 3-D weight, got shape {tuple(w.shape)}")
-    qt = QuantizedTensor(codes, scales, bits)
-    h = hessian.float()
-    rtn = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
-    stats = GPTQStats(damp_used, escalations, hessian_weighted_error(w, qt.dequantize(), h),
-                      hessian_weighted_error(w, rtn.dequantize(), h), time.perf_counter() - start)
-    return qt, stats
+@dataclass
+class PreparedHessian:
+    """What every GPTQ sweep against one Hessian shares: the dead columns, the act-order permutation and the upper
+    Cholesky factor of the damped, permuted H⁻¹ (fp32). Prepare once, then quantize many candidates against it."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    damp_used: float
+    escalations: int
 
 
-def _gptq_2d(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int,
-             act_order: bool, damp: float) -> tuple[torch.Tensor, float, int]:
-    rows, cols = w.shape
-    if tuple(hessian.shape) != (cols, cols) or tuple(scales.shape) != (rows,):
-        raise ValueError(f"weight {tuple(w.shape)} needs H [{cols}, {cols}] and scales [{rows}], "
-                         f"got {tuple(hessian.shape)} and {tuple(scales.shape)}")
+def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> list[PreparedHessian]:
+    """One PreparedHessian per slice: H [cols, cols] gives one, a bank's [S, cols, cols] gives S."""
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
     if not bool(torch.isfinite(hessian).all()):
         raise DataError("Hessian has NaN/Inf entries: the calibration forward pass overflowed; "
                         "recollect it (fp32 activations, fewer or shorter sequences)")
-    h = hessian.double().clone()
+    out = []
+    for h in (hessian if hessian.dim() == 3 else hessian[None]):
+        h = h.double().clone()
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1.0
+        cols = h.shape[0]
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
+        factor, damp_used, escalations = inverse_cholesky(h[perm][:, perm], damp)
+        if escalations:
+            log.warning("GPTQ: Cholesky failed at damp %g; used %.3g·mean(diag H) after %d escalation(s)",
+                        damp, damp_used, escalations)
+        out.append(PreparedHessian(dead, perm, factor.float(), damp_used, escalations))
+    return out
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int = 128,
+                  act_order: bool = True, damp: float = 0.01, prepared: list[PreparedHessian] | None = None,
+                  errors: bool = True) -> tuple[QuantizedTensor, GPTQStats]:
+    """GPTQ of w [rows, cols] (or a bank [S, rows, cols]) given H [cols, cols] (or [S, cols, cols]) and fp16 row
+    scales [rows] (or [S, rows]). `prepared`: prepare_hessian(hessian, damp, act_order), when the caller quantizes
+    several candidates against one H. errors=False skips the Hessian-weighted errors of GPTQ and RTN in the
+    stats (None). Deterministic for a given torch build and thread count."""
+    start = time.perf_counter()
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if w.dim() not in (2, 3):
+        raise ValueError(f"gptq_quantize expects a 2-D or 3-D weight, got shape {tuple(w.shape)}")
+    slices = w.shape[0] if w.dim() == 3 else 1
+    cols = w.shape[-1]
+    if tuple(hessian.shape[-2:]) != (cols, cols) or tuple(scales.shape) != tuple(w.shape[:-1]):
+        raise ValueError(f"weight {tuple(w.shape)} needs H [{cols}, {cols}] and scales {list(w.shape[:-1])}, "
+                         f"got {tuple(hessian.shape)} and {tuple(scales.shape)}")
+    prepared = prepared or prepare_hessian(hessian, damp, act_order)
+    if len(prepared) == 1 and slices > 1:
+        prepared = prepared * slices
+    ws, ss = (w, scales) if w.dim() == 3 else (w[None], scales[None])
+    codes = torch.stack([_gptq_2d(wi, p, bits, si, block_size) for wi, p, si in zip(ws, prepared, ss)])
+    qt = QuantizedTensor(codes if w.dim() == 3 else codes[0], scales, bits)
+    hessian_error = rtn_error = None
+    if errors:
+        h = hessian.float()
+        rtn = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
+        hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
+        rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
+    stats = GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared), hessian_error,
+                      rtn_error, time.perf_counter() - start)
+    return qt, stats
+
+
+def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, bits: int, scales: torch.Tensor, block_size: int
+             ) -> torch.Tensor:
+    rows, cols = w.shape
     w = w.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    factor, damp_used, escalations = inverse_cholesky(h, damp)
-    if escalations:
-        log.warning("GPTQ: Cholesky failed at damp %g; used %.3g·mean(diag H) after %d escalation(s)",
-                    damp, damp_used, escalations)
-    hinv = factor.float()
+    w[:, prep.dead] = 0.0
+    w = w[:, prep.perm]
+    hinv = prep.hinv
     s = scales.float()
     r = qmax(bits)
     q = torch.empty(rows, cols)
@@ -126,4 +157,4 @@ def _gptq_2d(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Te
             w1[:, j + 1:] -= torch.outer(err, h1[j, j + 1:])
             err1[:, j] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(perm)].to(torch.int8), damp_used, escalations
+    return q[:, torch.argsort(prep.perm)].to(torch.int8)

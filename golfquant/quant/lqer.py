@@ -13,6 +13,7 @@ refit of B is the same under any column weighting.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,18 @@ from golfquant.quant.clip import ClipSpec, round_codes, row_scales
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor
 
 _FACTOR_CLIP = ClipSpec("mse", norm=2.0, grid=100, maxshrink=0.95)
+
+
+@dataclass(frozen=True)
+class LqerOptions:
+    """The records' LQER (04-27): rank-4 factors, A int2, B int4 in groups of 64. `top` is the number of tensors
+    the post-pass corrects (0 = off); the budget search buys corrections per tensor instead."""
+
+    top: int = 0
+    rank: int = 4
+    a_bits: int = 2
+    b_bits: int = 4
+    group: int = 64
 
 
 def lqer_factors(error: torch.Tensor, rank: int = 4, a_bits: int = 2, b_bits: int = 4, group: int = 64,

@@ -1,0 +1,215 @@
+"""`--budget` against the plans a user writes by hand, at the same bytes, on validation tokens (issue 11's goal).
+
+On each checkpoint of benchmarks/checkpoints.py, with one self-generated calibration (64 sequences) shared by every
+artifact:
+* budgets: five, evenly spaced from the bytes of uniform GPTQ int4 to those of uniform GPTQ int8 (every matrix,
+  the default amax clip), and the bytes of the records' recipe;
+* `--budget B` (golfquant.budget; one measurement, cached, for all budgets);
+* uniform GPTQ int5, int6, int7, int8 at B: every matrix at that width with one SDClip k, the k that fills B
+  (found with two quantizations, the last ±1 codes pruned) or, when that k would clip harder than the width's
+  best k (the least summed measured damage over golfquant.measure's k grid), that best k with bytes left over;
+* the records' recipe: GPTQ int6 SDClip k=12.85 on the matrices, int8 k=20 on the tied embedding, at its own bytes.
+Every artifact's val_bpb is measured on the first --eval-tokens of the bundled validation split (never used by
+calibration or by the measurement), against the float model's on the same tokens.
+
+    .venv/bin/python benchmarks/allocation.py      # ~45 min on one thread; writes allocation.json, allocation.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoints import checkpoints, sha256
+from golfquant.api import quantize_checkpoint
+from golfquant.atomic import atomic_write_text
+from golfquant.calib import CalibConfig
+from golfquant.checkpoint import load_checkpoint
+from golfquant.data import default_tokenizer_path, default_val_pattern
+from golfquant.evaluate import eval_val_bpb
+from golfquant.measure import WIDE_K, load_measurement
+from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, load_quantized_weights, prepare_eval
+from golfquant.plan import PlanOptions
+
+OUT = Path(__file__).with_suffix(".json")
+WIDTHS = (5, 6, 7, 8)
+RECORDS_CLIP = "sdclip:12.85,embed=20"
+
+
+def uniform(bits: int) -> PlanOptions:
+    s = f"int{bits}"
+    return PlanOptions(mlp=s, attn=s, embed=s, other=s, float_max_numel=0)
+
+
+class Bench:
+    def __init__(self, path: Path, work: Path, args):
+        self.path, self.work, self.args = path, work, args
+        self.ckpt = load_checkpoint(path)
+        self.calib = CalibConfig(seqs=args.calib_seqs)
+        opts = QuantizeOptions(calib=self.calib)
+        start = time.perf_counter()
+        self.calibration = calibrate(self.ckpt, opts, model=build_float_model(self.ckpt, opts), heldout=True)
+        self.calib_seconds = time.perf_counter() - start
+        self.ev = prepare_eval(self.ckpt, default_val_pattern(), str(default_tokenizer_path()), args.eval_tokens)
+        self.float_bpb = self.bpb(None)
+        self.count = 0
+
+    def bpb(self, artifact: Path | None) -> float:
+        if artifact is None:
+            model = self.ev.model
+        else:
+            model = build_float_model(self.ckpt, QuantizeOptions())
+            load_quantized_weights(model, artifact)
+        return eval_val_bpb(model, self.ev.tokens, self.ev.luts, self.ev.seq_len).val_bpb
+
+    def quantize(self, opts: QuantizeOptions, cache=False) -> tuple[dict, Path]:
+        self.count += 1
+        out = self.work / f"a{self.count}.gqa"
+        start = time.perf_counter()
+        s = quantize_checkpoint(self.path, out, opts, calibration=self.calibration, cache=cache)
+        s["seconds"] = time.perf_counter() - start
+        return s, out
+
+    def point(self, label: str, summary: dict, artifact: Path, **extra) -> dict:
+        bpb = self.bpb(artifact)
+        p = {"plan": label, "total_bytes": summary["total_bytes"], "val_bpb": bpb, "gap_bpb": bpb - self.float_bpb,
+             "quantize_seconds": round(summary["seconds"], 1)} | extra
+        print(json.dumps(p), flush=True)
+        return p
+
+    def budget(self, budget: int) -> dict:
+        s, out = self.quantize(QuantizeOptions(calib=self.calib, budget=budget), cache=self.work / "measure")
+        schemes: dict[str, int] = {}
+        for a in s["allocation"]:
+            schemes[a["setting"].split(" sdclip")[0] + (" +lqer" if "lqer" in a["setting"] else "")] = \
+                schemes.get(a["setting"].split(" sdclip")[0] + (" +lqer" if "lqer" in a["setting"] else ""), 0) + 1
+        return self.point("--budget", s, out, chosen_plan=s["chosen_plan"], schemes=schemes,
+                          measurement_cached=s["measurement"]["cached"], plans=s["plans"])
+
+    def best_k(self) -> dict[int, float]:
+        """Per width, the k of the grid with the least summed measured damage (the measurement of --budget)."""
+        m = load_measurement(self.work / "measure.measurement.json", _key(self.work / "measure.measurement.json"))
+        out = {}
+        for bits in WIDTHS:
+            damage = {k: sum(r.damage for rows in m.tensors.values() for r in rows
+                             if r.candidate.bits == bits and r.candidate.lqer is None
+                             and r.candidate.clip.k_for(None) == k) for k in WIDE_K}
+            out[bits] = min(damage, key=damage.get)
+        return out
+
+    def uniform_at(self, bits: int, budget: int, best_k: float) -> dict:
+        """Uniform intB filling `budget`: k from two artifacts (log bytes ~ linear in log k), pruned to fit."""
+        sizes = {}
+        for k in (best_k, best_k * 2):
+            s, _ = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib))
+            sizes[k] = s["total_bytes"]
+        (k0, s0), (k1, s1) = sizes.items()
+        if s0 <= budget:  # the best clip already fits: a tighter one would clip harder
+            k = best_k
+        else:
+            slope = math.log(s1 / s0) / math.log(k1 / k0)
+            k = round(k0 * math.exp(math.log(0.995 * budget / s0) / slope), 4)
+        s, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib,
+                                               budget=budget, prune_to_budget=True))
+        return self.point(f"uniform int{bits}", s, out, k=k, pruned_codes=s["pruned_codes"])
+
+
+def _key(path: Path) -> str:
+    return json.loads(path.read_text())["key"]
+
+
+def run(label: str, path: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(path, Path(tmp), args)
+        ends = {bits: b.quantize(QuantizeOptions(plan=uniform(bits), calib=b.calib))[0]["total_bytes"] for bits in (4, 8)}
+        rec_s, rec_out = b.quantize(QuantizeOptions(plan=PlanOptions(mlp="int6", attn="int6", embed="int8", other="int6"),
+                                                    clip=RECORDS_CLIP, calib=b.calib))
+        records = b.point("records' recipe", rec_s, rec_out)
+        budgets = [round(ends[4] + i / 4 * (ends[8] - ends[4])) for i in range(5)] + [records["total_bytes"]]
+        rows = []
+        for budget in sorted(budgets):
+            row = {"budget": budget, "budget_run": b.budget(budget)}
+            best = b.best_k()
+            row["uniform"] = [b.uniform_at(bits, budget, best[bits]) for bits in WIDTHS]
+            if budget == records["total_bytes"]:
+                row["records"] = records
+            rows.append(row)
+        timing = fresh_budget_seconds(path, Path(tmp), records["total_bytes"])
+    return {"checkpoint": str(path.name), "sha256": sha256(path), "float_bpb": b.float_bpb,
+            "eval_tokens": args.eval_tokens, "calib_seconds": round(b.calib_seconds, 1), "uniform_int4_bytes": ends[4],
+            "uniform_int8_bytes": ends[8], "rows": rows, "fresh_budget_run": timing, "verdict": verdict(rows)}
+
+
+def fresh_budget_seconds(path: Path, tmp: Path, budget: int) -> dict:
+    """The whole `quantize --budget` from nothing (calibration and measurement included), then again cached."""
+    out = {}
+    for run_name in ("first", "cached"):
+        start = time.perf_counter()
+        s = quantize_checkpoint(path, tmp / "fresh.gqa", QuantizeOptions(budget=budget))
+        out[run_name] = round(time.perf_counter() - start, 1)
+        out[f"{run_name}_measurement_seconds"] = s["measurement"]["seconds"]
+    return out
+
+
+def verdict(rows: list[dict]) -> dict:
+    worse = [r["budget"] for r in rows if r["budget_run"]["val_bpb"] > min(u["val_bpb"] for u in r["uniform"])]
+    at = next(r for r in rows if "records" in r)
+    ratio = at["budget_run"]["gap_bpb"] / at["records"]["gap_bpb"]
+    return {"budgets_where_a_uniform_plan_wins": worse, "gap_ratio_at_records_bytes": ratio,
+            "goal_met": not worse and ratio <= 0.7}
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2))
+    for ax, (label, r) in zip(axes, results.items()):
+        series = {"--budget": [(x["budget_run"]["total_bytes"], x["budget_run"]["gap_bpb"]) for x in r["rows"]]}
+        for i, bits in enumerate(WIDTHS):
+            series[f"uniform int{bits}"] = [(x["uniform"][i]["total_bytes"], x["uniform"][i]["gap_bpb"]) for x in r["rows"]]
+        for name, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="s" if name == "--budget" else "o",
+                    label=name, linewidth=2.5 if name == "--budget" else 1)
+        rec = next(x["records"] for x in r["rows"] if "records" in x)
+        ax.scatter([rec["total_bytes"] / 1e6], [rec["gap_bpb"]], marker="*", s=160, color="black", zorder=5,
+                   label="records' recipe")
+        ax.set_yscale("log")
+        ax.set_xlabel("total bytes (MB)")
+        ax.set_ylabel("val_bpb gap to float")
+        ax.set_title(f"{label} (float {r['float_bpb']:.4f})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT.with_suffix(".png"), dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib-seqs", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {label: run(label, path, args) for label, path in checkpoints().items()}
+    atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
+    plot(results)
+    for label, r in results.items():
+        print(f"\n{label}: float val_bpb {r['float_bpb']:.4f} on {r['eval_tokens']:,} validation tokens; "
+              f"verdict {r['verdict']}")
+        print("| budget | --budget gap (plan) | " + " | ".join(f"uniform int{b}" for b in WIDTHS) + " | records' recipe |")
+        print("|---|---|" + "---|" * len(WIDTHS) + "---|")
+        for x in r["rows"]:
+            u = " | ".join(f"{p['gap_bpb']:+.4f} ({p['total_bytes']:,})" for p in x["uniform"])
+            rec = f"{x['records']['gap_bpb']:+.4f}" if "records" in x else ""
+            print(f"| {x['budget']:,} | {x['budget_run']['gap_bpb']:+.4f} ({x['budget_run']['chosen_plan']}) | {u} | {rec} |")
+
+
+if __name__ == "__main__":
+    main()

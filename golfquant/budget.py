@@ -1,0 +1,548 @@
+"""`--budget B`: the best artifact golfquant can make in B bytes (artifact + code), chosen by measured damage.
+
+Measure, solve, confirm, fit (ExLlamaV2's measure -> optimize, plus a check of the answer):
+1. Calibrate: Hessians, and held-out tokens the Hessians never saw. Cached next to the output.
+2. Measure (golfquant.measure): every free tensor at every candidate, its bytes and its damage. Cached next to the
+   output, keyed by the checkpoint and the options, so a second run on the same inputs, or a sweep, skips it.
+3. Plans at the budget, each solved on the table, priced with the coder's own size model and solved again until
+   it fits:
+   * `allocated`: the knapsack solution (golfquant.quant.allocate);
+   * `records`: the records' recipe (int6 k=12.85, embeddings int8 k=20, tensors of <= 65,536 elements fp16)
+     when it fits, its leftover spent greedily;
+   * `uniform intB`, B = 5..8: every free tensor at intB with the least-damage k of the grid that fits, its
+     leftover spent greedily.
+4. Confirm: the KL of each plan with all its tensors quantized at once, measured on the held-out tokens; the
+   least wins, so `--budget` is never worse than those plans on the tokens it measured.
+5. Encode in memory; when the real bytes miss the budget (the size model does not see how the manifest, scales
+   and float tensors compress), the chosen plan is solved again for the corrected room; pruning ±1 codes is the
+   last resort. The caller writes the file, once.
+
+With `prune_to_budget` the plan's own widths are kept and only pruning fits it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from golfquant.artifact import EncodedArtifact, encode_artifact
+from golfquant.atomic import atomic_path
+from golfquant.checkpoint import Checkpoint
+from golfquant.codec.rans import estimate_encoded_bytes
+from golfquant.codec.sizemodel import ScaledEntropyPricer
+from golfquant.errors import OptionError
+from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, cache_key, candidate_grid, dequantized,
+                               load_measurement, measure, record_candidate, sdclip, state_dict_digest)
+from golfquant.pipeline import (Calibration, Progress, QuantizeOptions, QuantizeResult, TensorReport,
+                                build_float_model, calibrate, gptq_meta, hessian_of, quantize_tensor, stage)
+from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
+from golfquant.calib import Hessian, heldout_tokens
+from golfquant.quant import QuantizedTensor
+from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
+from golfquant.quant.clip import ClipSpec
+from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
+from golfquant.sensitivity import measure_sensitivity, plan_kl, reference_logprobs
+
+BUDGET_TOLERANCE = 0.005  # the artifact lands in [(1 - this)·B, B] when the candidates' steps allow it
+UNIFORM_WIDTHS = (5, 6, 7, 8)
+RECORD_FLOAT_MAX_NUMEL = 65536  # the records keep tensors this small in fp16
+_SOLVE_ROUNDS = 4  # solve -> price exactly, per plan
+_FIT_ROUNDS = 4  # encode -> correct the room
+_PRUNE_ROUNDS = 4  # prune -> encode confirmations
+_HEADER_GUESS = 2048  # bytes of header and manifest before the first encode
+_MANIFEST_PER_TENSOR = 160
+
+
+@dataclass
+class PlanRow:
+    """One line of the confirmation: a plan at the budget, its priced bytes, predicted and measured KL."""
+
+    plan: str
+    total_bytes: int | None  # artifact (size model) + code; None: the plan does not fit
+    predicted_kl: float | None  # sum of the measured per-tensor damages, nats per token
+    measured_kl: float | None  # all tensors quantized at once, on the held-out tokens
+    chosen: bool = False
+
+
+@dataclass
+class Allocation:
+    name: str
+    role: str
+    scheme: str
+    setting: str  # the candidate's key: "int6 sdclip:default=8.0", "fp16", "... +lqer4"
+    free: bool  # False: fixed by --mlp/--attn/--embed/--other/--rule, or by the float-size convention
+
+
+@dataclass
+class BudgetResult:
+    result: QuantizeResult
+    encoded: EncodedArtifact
+    budget: int
+    code_bytes: int
+    allocation: list[Allocation]
+    plans: list[PlanRow]
+    chosen: str | None  # None with prune_to_budget
+    measurement: dict  # how the table was made: cached, seconds, candidates, signal
+    pruned_codes: int
+    rounds: int  # encodes
+
+    def summary(self) -> dict:
+        total = self.encoded.info.total_bytes + self.code_bytes
+        return {"budget": self.budget, "budget_used": total / self.budget, "pruned_codes": self.pruned_codes,
+                "chosen_plan": self.chosen, "encode_rounds": self.rounds, "measurement": self.measurement,
+                "plans": [dataclasses.asdict(p) for p in self.plans],
+                "allocation": [dataclasses.asdict(a) for a in self.allocation]}
+
+
+@dataclass
+class _Priced:
+    bytes: float
+    damage: float
+
+
+def cache_paths(stem: Path) -> tuple[Path, Path]:
+    """(calibration, measurement) cache files of an output path's stem."""
+    return stem.with_name(stem.name + ".calibration.safetensors"), stem.with_name(stem.name + ".measurement.json")
+
+
+def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, code_bytes: int, extra_meta: dict,
+                       cache: Path | None = None, progress: Progress | None = None,
+                       on_tensor: Callable[[TensorReport], None] | None = None,
+                       calibration: Calibration | None = None,
+                       measurement: Measurement | None = None) -> BudgetResult:
+    """The artifact (in memory) with artifact + code bytes <= opts.budget (module docstring). `cache`: the stem
+    of the cache files (e.g. out/model for out/model.measurement.json); `calibration` / `measurement`: reuse
+    these (a sweep)."""
+    spec = opts.validate()
+    room = opts.budget - code_bytes
+    if room <= 0:
+        raise OptionError(f"budget {opts.budget:,} bytes is used up by the {code_bytes:,} code bytes alone")
+    run = _Run(ckpt, opts, spec, room, extra_meta, progress)
+    if opts.prune_to_budget:
+        run.calibration = calibration or run.calibrate(cache, heldout=False)
+        encoded, pruned, rounds = run.fit_fixed()
+        return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), [], None, {},
+                                  pruned, rounds), on_tensor)
+    run.calibration = calibration or run.calibrate(cache, heldout=True)
+    if run.calibration.heldout is None:
+        run.calibration.heldout = run.heldout()
+    run.measurement = measurement or run.measure(cache)
+    encoded, pruned, rounds = run.fit_allocated()
+    return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), run.rows,
+                              run.chosen, run.measurement.info, pruned, rounds), on_tensor)
+
+
+def _emit(res: BudgetResult, on_tensor: Callable[[TensorReport], None] | None) -> BudgetResult:
+    if on_tensor:
+        for r in res.result.reports:
+            on_tensor(r)
+    return res
+
+
+class _Run:
+    """State of one budgeted quantization: the plan, calibration, measurement, and every value quantized so far."""
+
+    def __init__(self, ckpt: Checkpoint, opts: QuantizeOptions, spec: ClipSpec, room: int, extra_meta: dict,
+                 progress: Progress | None):
+        self.ckpt, self.sd, self.opts, self.spec, self.room = ckpt, ckpt.state_dict, opts, spec, room
+        self.progress, self.extra_meta = progress, extra_meta
+        convention = opts.plan.float_max_numel if opts.fixed_float or opts.prune_to_budget else 0
+        self.plan = make_plan(self.sd, dataclasses.replace(opts.plan, float_max_numel=convention))
+        rules = [re.compile(regex) for regex, _ in opts.plan.rules]
+        quantized = [n for n, tp in self.plan.items() if tp.bits is not None]
+        self.free = [] if opts.prune_to_budget else [
+            n for n in quantized if self.plan[n].role not in opts.fixed_roles and not any(p.search(n) for p in rules)]
+        self.fixed = [n for n in quantized if n not in self.free]
+        self.calibration: Calibration | None = None
+        self.measurement: Measurement | None = None
+        self._model: torch.nn.Module | None = None
+        self._reference: list[torch.Tensor] | None = None
+        self.values: dict[tuple[str, str], tuple[QuantizedTensor | torch.Tensor, TensorReport | None]] = {}
+        self.exact: dict[tuple[str, str], float] = {}
+        self.choice: dict[str, Candidate] = {}
+        self.override: dict[str, QuantizedTensor] = {}  # pruned tensors
+        self.rows: list[PlanRow] = []
+        self.chosen: str | None = None
+        self.pruned = 0
+
+    # ------------------------------------------------------------------------------------------ calibration
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = build_float_model(self.ckpt, self.opts)
+        return self._model
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return state_dict_digest(self.sd)
+
+    def _model_key(self) -> dict:
+        return {"config": self.ckpt.config, "spec": self.opts.model_spec, "args": self.opts.model_args,
+                "heads": self.opts.num_heads}
+
+    def calibrate(self, cache: Path | None, heldout: bool) -> Calibration:
+        if not (self.opts.needs_hessians and self.plan):
+            return Calibration({}, {})
+        path = cache_paths(cache)[0] if cache is not None and heldout else None
+        key = cache_key(self.digest, {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key()})
+        if path is not None:
+            cached = _load_calibration(path, key)
+            if cached is not None:
+                return cached
+        calibration = calibrate(self.ckpt, self.opts, self.progress, self.plan, self.model, heldout=heldout)
+        if path is not None:
+            _save_calibration(path, key, calibration)
+        return calibration
+
+    def heldout(self) -> torch.Tensor:
+        return heldout_tokens(self.model, self.opts.calib, stage(self.progress, "held-out tokens"))
+
+    # ---------------------------------------------------------------------------------------------- measure
+
+    def grids(self) -> dict[str, list[Candidate]]:
+        fixed_clip = self.spec if self.opts.fixed_clip else None
+        return {n: candidate_grid(self.plan[n].role, self.sd[n].dim(), fixed_clip) for n in self.free}
+
+    def measure(self, cache: Path | None) -> Measurement:
+        grids = self.grids()
+        options = {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key(),
+                   "quantizer": dataclasses.asdict(self.opts.quantizer),
+                   "grids": {n: [c.key for c in g] for n, g in grids.items()}}
+        key = cache_key(self.digest, options)
+        path = cache_paths(cache)[1] if cache is not None else None
+        if path is not None:
+            cached = load_measurement(path, key)
+            if cached is not None:
+                return cached
+        hessians = self.calibration.hessians
+        held = self.calibration.heldout
+        sens = measure_sensitivity(self.model, held, hessians, batch=self.opts.calib.batch)
+
+        def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+            d = sens.damage(name, w, w_hat)
+            return d if d is not None else self.kl({name: w_hat})
+
+        roles = {n: self.plan[n].role for n in grids}
+        info = {"signal": "fisher", "heldout_tokens": int(held.numel())}
+        m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer, damage,
+                    key, info, stage(self.progress, "measure"))
+        if path is not None:
+            m.save(path)
+        return m
+
+    def kl(self, weights: dict[str, torch.Tensor]) -> float:
+        held = self.calibration.heldout
+        if self._reference is None:
+            self._reference = reference_logprobs(self.model, held)
+        return plan_kl(self.model, weights, held, self._reference)
+
+    # ---------------------------------------------------------------------------------------------- values
+
+    def value(self, name: str, cand: Candidate) -> QuantizedTensor | torch.Tensor:
+        key = (name, cand.key)
+        if key not in self.values:
+            tp = self.plan[name]
+            if cand.bits is None:
+                self.values[key] = (self.sd[name].to(torch.float16), None)
+            else:
+                h = hessian_of(self.calibration.hessians, name)
+                self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer)
+        return self.values[key][0]
+
+    def exact_bytes(self, name: str, cand: Candidate) -> float:
+        """The coder's size model of the candidate's codes, plus raw scales (and factors): what it adds to the
+        artifact, up to the compression of the shared sections."""
+        key = (name, cand.key)
+        if key not in self.exact:
+            v = self.value(name, cand)
+            if not isinstance(v, QuantizedTensor):
+                self.exact[key] = float(v.numel() * v.element_size())
+            else:
+                total = estimate_encoded_bytes(v.codes.numpy(), v.bits) + 2 * v.scales.numel()
+                if v.lqer is not None:
+                    lq = v.lqer
+                    total += estimate_encoded_bytes(lq.a_codes.numpy(), lq.a_bits)
+                    total += estimate_encoded_bytes(lq.b_codes.numpy(), lq.b_bits) + 2 * (1 + lq.b_scales.numel())
+                self.exact[key] = total
+        return self.exact[key]
+
+    # -------------------------------------------------------------------------------------------- solving
+
+    def table(self) -> dict[str, list[_Priced]]:
+        """The measured table with every candidate's bytes corrected: exact where priced, else its entropy
+        estimate times the exact/estimate ratio of the same tensor's nearest priced candidate."""
+        out = {}
+        for name, rows in self.measurement.tensors.items():
+            priced = [(m, self.exact[(name, m.candidate.key)]) for m in rows if (name, m.candidate.key) in self.exact]
+            out[name] = [_Priced(self._corrected(name, m, priced), m.damage) for m in rows]
+        return out
+
+    @staticmethod
+    def _corrected(name: str, m: Measured, priced: list[tuple[Measured, float]]) -> float:
+        exact = [b for p, b in priced if p.candidate.key == m.candidate.key]
+        if exact:
+            return exact[0]
+        same = [(p, b) for p, b in priced if p.candidate.bits == m.candidate.bits and p.bytes > 0]
+        pool = same or [(p, b) for p, b in priced if p.candidate.bits is not None and p.bytes > 0]
+        if m.candidate.bits is None or not pool:
+            return m.bytes
+        p, b = min(pool, key=lambda pb: abs(pb[0].bytes - m.bytes))
+        return m.bytes * b / p.bytes
+
+    def families(self) -> list[str]:
+        return ["allocated"] + ([] if self.opts.fixed_clip else ["records"]) + [f"uniform int{b}" for b in UNIFORM_WIDTHS]
+
+    def plan_family(self, family: str, table: dict[str, list[_Priced]], room: float) -> Choice | None:
+        """The family's plan for `room` bytes on `table` (module docstring); None when it does not fit."""
+        if family == "allocated":
+            return allocate(table, room)
+        index = {n: {m.candidate: i for i, m in enumerate(ms)} for n, ms in self.measurement.tensors.items()}
+        if family == "records":
+            starts = [{n: ix[Candidate(None) if self.sd[n].numel() <= RECORD_FLOAT_MAX_NUMEL
+                              else record_candidate(self.plan[n].role)] for n, ix in index.items()}]
+        else:
+            bits = int(family.removeprefix("uniform int"))
+            clips = [self.spec] if self.opts.fixed_clip else [sdclip(k) for k in WIDE_K]
+            starts = [{n: ix[Candidate(bits, c)] for n, ix in index.items()} for c in clips]
+        fits = [s for s in starts if total_bytes(table, s) <= room]
+        return fill(table, min(fits, key=lambda s: total_damage(table, s)), room) if fits else None
+
+    def solve(self, family: str, room: float) -> Choice | None:
+        """The family's plan for `room`, every candidate it uses priced exactly, solved again until it fits."""
+        for _ in range(_SOLVE_ROUNDS):
+            choice = self.plan_family(family, self.table(), room)
+            if choice is None:
+                return None
+            if sum(self.exact_bytes(n, self._cand(n, i)) for n, i in choice.items()) <= room:
+                return choice
+        return None
+
+    def _cand(self, name: str, i: int) -> Candidate:
+        return self.measurement.tensors[name][i].candidate
+
+    # ------------------------------------------------------------------------------------------ the search
+
+    def fit_allocated(self) -> tuple[EncodedArtifact, int, int]:
+        # A first encode measures what the size model does not see (manifest, compression of the shared
+        # sections); every plan is then solved for the room that leaves.
+        choice = self.solve("allocated", self.room - self._overhead_guess())
+        least = choice is None
+        if least:
+            table = {n: [_Priced(self.exact_bytes(n, m.candidate), m.damage) for m in ms]
+                     for n, ms in self.measurement.tensors.items()}
+            choice = smallest(table)
+        encoded, rounds = self._encode_choice(choice), 1
+        overhead = encoded.info.total_bytes - self._free_bytes()
+        if least and encoded.info.total_bytes > self.room:
+            raise OptionError(f"budget {self.opts.budget:,} bytes cannot be met: the smallest reachable artifact is "
+                              f"{encoded.info.total_bytes:,} bytes + {self.opts.budget - self.room:,} code bytes; "
+                              "raise the budget, or free the widths fixed by --mlp/--attn/--embed/--other/--rule")
+        choices = {f: self.solve(f, self.room - overhead) for f in self.families()}
+        self._confirm(choices, overhead)
+        if self.chosen is None:  # the smallest plan fits, but none of the families' plans did
+            choices["allocated"] = choice
+            self.chosen = "allocated"
+            for row in self.rows:
+                row.chosen = row.plan == "allocated"
+        choice = choices[self.chosen]
+        while True:
+            if {n: self._cand(n, i) for n, i in choice.items()} != self.choice:
+                encoded, rounds = self._encode_choice(choice), rounds + 1
+            real = encoded.info.total_bytes
+            if (1 - BUDGET_TOLERANCE) * self.room <= real <= self.room or rounds >= _FIT_ROUNDS:
+                break
+            refit = self.solve(self.chosen, self.room - (real - self._free_bytes()))
+            if refit is None or refit == choice:
+                break
+            choice = refit
+        if encoded.info.total_bytes > self.room:
+            encoded = self._prune(encoded)
+        for row in self.rows:
+            if row.chosen:
+                row.total_bytes = encoded.info.total_bytes + self.opts.budget - self.room
+        return encoded, self.pruned, rounds
+
+    def _encode_choice(self, choice: Choice) -> EncodedArtifact:
+        self.choice = {n: self._cand(n, i) for n, i in choice.items()}
+        return self.encode()
+
+    def _free_bytes(self) -> float:
+        return sum(self.exact_bytes(n, c) for n, c in self.choice.items())
+
+    def _confirm(self, choices: dict[str, Choice | None], overhead: float) -> None:
+        measured = {}
+        for i, (family, choice) in enumerate(choices.items()):
+            if self.progress:
+                self.progress("confirm", i, len(choices))
+            if choice is None:
+                self.rows.append(PlanRow(family, None, None, None))
+                continue
+            weights = {n: dequantized(self.value(n, self._cand(n, j))) for n, j in choice.items()}
+            measured[family] = self.kl(weights)
+            table = self.measurement.tensors
+            predicted = sum(table[n][j].damage for n, j in choice.items())
+            priced = sum(self.exact_bytes(n, self._cand(n, j)) for n, j in choice.items())
+            self.rows.append(PlanRow(family, round(priced + overhead + self.opts.budget - self.room), predicted,
+                                     measured[family]))
+        if measured:
+            self.chosen = min(measured, key=lambda f: (measured[f], list(choices).index(f)))
+            for row in self.rows:
+                row.chosen = row.plan == self.chosen
+
+    def _fixed_bytes(self) -> float:
+        return sum(self.exact_bytes(n, Candidate(self.plan[n].bits, self.spec)) for n in self.fixed)
+
+    def _overhead_guess(self) -> float:
+        floats = sum(self.sd[n].numel() * cast_to_scheme(self.sd[n][:0], tp.scheme).element_size()
+                     for n, tp in self.plan.items() if tp.bits is None)
+        return _HEADER_GUESS + _MANIFEST_PER_TENSOR * len(self.plan) + floats + self._fixed_bytes()
+
+    def fit_fixed(self) -> tuple[EncodedArtifact, int, int]:
+        """prune_to_budget: the plan as it is, pruned until it fits."""
+        encoded = self.encode()
+        if encoded.info.total_bytes > self.room:
+            encoded = self._prune(encoded)
+        return encoded, self.pruned, 1
+
+    # ------------------------------------------------------------------------------------------- encoding
+
+    def tensors(self) -> tuple[dict, dict[str, TensorPlan]]:
+        tensors, plan = {}, {}
+        for name, tp in self.plan.items():
+            if name in self.choice:
+                cand = self.choice[name]
+                tensors[name] = self.value(name, cand)
+                plan[name] = dataclasses.replace(tp, scheme=cand.scheme, bits=cand.bits)
+            elif tp.bits is not None:
+                tensors[name] = self.value(name, Candidate(tp.bits, self.spec))
+                plan[name] = tp
+            else:
+                tensors[name] = cast_to_scheme(self.sd[name], tp.scheme)
+                plan[name] = tp
+        return tensors | self.override, plan
+
+    def reports(self) -> list[TensorReport]:
+        out = []
+        for name, tp in self.plan.items():
+            cand = self.choice.get(name) or (Candidate(tp.bits, self.spec) if tp.bits is not None else None)
+            if cand is not None and cand.bits is not None:
+                self.value(name, cand)
+                out.append(self.values[(name, cand.key)][1])
+        return out
+
+    def meta(self) -> dict:
+        meta = {"method": self.opts.method, "clip": str(self.spec), "budget": self.opts.budget,
+                "pruned_codes": self.pruned}
+        if self.calibration is not None and self.calibration.info:
+            meta["calibration"] = self.calibration.info
+        if self.chosen is not None:
+            meta["plan"] = self.chosen
+            meta["allocation"] = {n: c.key for n, c in self.choice.items()}
+        gptq_meta(meta, self.reports(), self.opts)
+        return meta
+
+    def encode(self) -> EncodedArtifact:
+        tensors, plan = self.tensors()
+        if self.progress:
+            self.progress("encode", 0, 1)
+        encoded = encode_artifact(tensors, plan, self.meta() | self.extra_meta, exhaustive=self.opts.exhaustive)
+        if self.progress:
+            self.progress("encode", 1, 1)
+        return encoded
+
+    def result(self) -> QuantizeResult:
+        tensors, plan = self.tensors()
+        return QuantizeResult(tensors, plan, self.reports(), self.meta())
+
+    def allocation(self) -> list[Allocation]:
+        out = []
+        for name, tp in self.plan.items():
+            if name in self.choice:
+                c = self.choice[name]
+                out.append(Allocation(name, tp.role, c.scheme, c.key, True))
+            elif tp.bits is not None:
+                out.append(Allocation(name, tp.role, tp.scheme, Candidate(tp.bits, self.spec).key, False))
+        return out
+
+    def _prune(self, encoded: EncodedArtifact) -> EncodedArtifact:
+        """Zero the cheapest ±1 codes until the encoded artifact fits the room (each tensor's codes priced by its
+        real compressed bytes; confirmed by encoding, the target lowered by the excess while over)."""
+        tensors, _ = self.tensors()
+        quant = {n: v for n, v in tensors.items() if isinstance(v, QuantizedTensor)}
+        real = {t.name: t.codes_bytes for t in encoded.info.tensors}
+        pricers = {n: ScaledEntropyPricer.fit(qt.codes.numpy(), real[n]) for n, qt in quant.items()}
+        hdiag = {n: None if (h := hessian_of(self.calibration.hessians, n)) is None
+                 else torch.diagonal(h, dim1=-2, dim2=-1) for n in quant}
+        means = sorted(float(d.mean()) for d in hdiag.values() if d is not None)
+        h_default = means[len(means) // 2] if means else 1.0
+        costs = {n: prune_costs(quant[n], hdiag[n], h_default) for n in quant}
+        fixed = encoded.info.total_bytes - sum(real[n] for n in quant)
+        target = self.room - fixed
+        best = None
+        for _ in range(_PRUNE_ROUNDS):
+            res = prune_to_bytes(quant, costs, pricers, target)
+            if res is None:
+                floor = fixed + pruned_floor(quant, costs, pricers)
+                raise OptionError(f"budget {self.opts.budget:,} bytes cannot be met by pruning: zeroing every ±1 "
+                                  f"code leaves about {floor:,.0f} artifact bytes + {self.opts.budget - self.room:,} "
+                                  "code bytes; raise the budget or lower the widths (or let --budget allocate them)")
+            self.pruned, self.override = res.pruned, res.tensors
+            out = self.encode()
+            if out.info.total_bytes <= self.room and (best is None or out.info.total_bytes > best[1].info.total_bytes):
+                best = (res, out)
+            if (1 - BUDGET_TOLERANCE / 2) * self.room <= out.info.total_bytes <= self.room:
+                break
+            # over: lower the target by the excess; well under: give back part of the gap
+            target += (1 - BUDGET_TOLERANCE / 4) * self.room - out.info.total_bytes
+        if best is None:
+            raise OptionError(f"pruning did not reach the budget of {self.opts.budget:,} bytes in {_PRUNE_ROUNDS} "
+                              "rounds; lower the widths or raise the budget")
+        res, out = best
+        self.pruned, self.override = res.pruned, res.tensors
+        return out
+
+
+# ------------------------------------------------------------------------------------------ calibration cache
+
+
+def _save_calibration(path: Path, key: str, calibration: Calibration) -> None:
+    distinct: dict[int, int] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for name, h in calibration.hessians.items():
+        if id(h) not in distinct:
+            distinct[id(h)] = len(distinct)
+            tensors[f"h{distinct[id(h)]}"] = h.H.contiguous()
+            counts[str(distinct[id(h)])] = h.tokens
+        names[name] = distinct[id(h)]
+    if calibration.heldout is not None:
+        tensors["heldout"] = calibration.heldout.contiguous()
+    meta = {"key": key, "names": json.dumps(names), "tokens": json.dumps(counts), "info": json.dumps(calibration.info)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _load_calibration(path: Path, key: str) -> Calibration | None:
+    """The cached calibration when it was made for `key`, else None (absent, stale or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        tensors = load_file(str(path))
+        names, counts = json.loads(meta["names"]), json.loads(meta["tokens"])
+        shared = {int(i): Hessian(tensors[f"h{i}"], int(n)) for i, n in counts.items()}
+        hessians = {name: shared[int(i)] for name, i in names.items()}
+        return Calibration(hessians, json.loads(meta["info"]), heldout=tensors.get("heldout"))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
+        return None

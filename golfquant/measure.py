@@ -1,0 +1,216 @@
+"""Measure once: every free tensor at every candidate setting, with its bytes and its damage.
+
+This is ExLlamaV2's measurement pass for this format. The budget search (golfquant.budget) solves on the table; it
+is cached next to the output (`Measurement.save` / `load_measurement`, keyed by the checkpoint and by every option
+the numbers depend on), so a second `--budget` run, or a sweep over budgets, skips it.
+
+Candidates of one matrix (`candidate_grid`), a set designed so that finer moves plug in as more entries:
+* fp16: the tensor kept in float (every matrix is in the trade under a budget, small ones included);
+* intB with SDClip k: B = 2..8; k = 2 (int2), 3, 4.24, 6 (int3), and 4, 5.66, 8, 11.3, 16 (int4..int8), the √2
+  grid of clip ranges that holds every setting the measured allocations of benchmarks/sensitivity.py picked;
+* the records' settings, int6 k = 12.85 (int8 k = 20 for an embedding), so that their recipe is a plan of the table;
+* LQER rank 4 (the records' factors) on top of int3 k = 4.24 and int4..int6 k = 8 (2-D matrices only).
+With a clip fixed by the user (`fixed_clip`), the widths with that clip, and fp16.
+
+Bytes: the order-0 entropy of the codes, the fp16 row scales, and the LQER factors' codes and scales; fp16 is two
+bytes per element. The coder lands within a few % of the entropy; the budget search prices what it picks with
+the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the quantizer
+actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a forward pass
+per candidate (`plan_kl`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from golfquant.atomic import atomic_write_text
+from golfquant.codec.sizemodel import order0_bytes
+from golfquant.quant.clip import ClipSpec, parse_clip
+from golfquant.quant.lqer import LqerOptions, apply_lqer
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
+from golfquant.quant.quantize import Quantizer
+
+VERSION = 1  # of the measurement's meaning: bump when candidates, pricing or damage change
+FLOAT_SCHEME = "fp16"
+_FLOAT_BYTES = 2
+_SCALE_BYTES = 2
+NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
+WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
+RECORD_SETTING = {"embed": (8, 20.0), "default": (6, 12.85)}  # 04-05 SDClip record: matrices, embeddings
+LQER_AT = ((3, 4.243), (4, 8.0), (5, 8.0), (6, 8.0))
+RECORD_LQER = LqerOptions(rank=4)
+
+
+def sdclip(k: float) -> ClipSpec:
+    return ClipSpec("sdclip", k=(("default", k),))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction."""
+
+    bits: int | None
+    clip: ClipSpec | None = None
+    lqer: LqerOptions | None = None
+
+    @property
+    def key(self) -> str:
+        if self.bits is None:
+            return FLOAT_SCHEME
+        return f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
+
+    @property
+    def scheme(self) -> str:
+        return FLOAT_SCHEME if self.bits is None else f"int{self.bits}"
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "clip": None if self.clip is None else str(self.clip),
+                "lqer": None if self.lqer is None else self.lqer.rank}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Candidate":
+        clip = None if d["clip"] is None else parse_clip(d["clip"])
+        return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]))
+
+
+def record_candidate(role: str) -> Candidate:
+    bits, k = RECORD_SETTING.get(role, RECORD_SETTING["default"])
+    return Candidate(bits, sdclip(k))
+
+
+def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None) -> list[Candidate]:
+    """The candidates of one tensor (module docstring), in a fixed order: fp16 first."""
+    if fixed_clip is not None:
+        return [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
+    out = [Candidate(None)]
+    for bits in range(MIN_BITS, MAX_BITS + 1):
+        out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
+    record = record_candidate(role)
+    if record not in out:
+        out.append(record)
+    if ndim == 2:
+        out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
+    return out
+
+
+@dataclass
+class Measured:
+    """One row of the table: a candidate, its estimated bytes and its damage (nats per token)."""
+
+    candidate: Candidate
+    bytes: float
+    damage: float
+
+
+def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | None, quantizer: Quantizer,
+           prepared=None) -> QuantizedTensor | torch.Tensor:
+    """The value the artifact holds for w under `cand`: a QuantizedTensor, or the fp16 tensor."""
+    if cand.bits is None:
+        return w.to(torch.float16)
+    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False)[0]
+
+
+def entropy_bytes(value: QuantizedTensor | torch.Tensor) -> float:
+    """The table's bytes of a stored value (module docstring)."""
+    if not isinstance(value, QuantizedTensor):
+        return float(value.numel() * _FLOAT_BYTES)
+    total = order0_bytes(value.codes.numpy()) + _SCALE_BYTES * value.scales.numel()
+    if value.lqer is not None:
+        lq = value.lqer
+        total += order0_bytes(lq.a_codes.numpy()) + order0_bytes(lq.b_codes.numpy())
+        total += _SCALE_BYTES * (1 + lq.b_scales.numel())
+    return total
+
+
+def dequantized(value: QuantizedTensor | torch.Tensor) -> torch.Tensor:
+    return value.dequantize() if isinstance(value, QuantizedTensor) else value.float()
+
+
+@dataclass
+class Measurement:
+    key: str
+    tensors: dict[str, list[Measured]]
+    info: dict = field(default_factory=dict)  # signal, held-out tokens, seconds, candidates
+
+    def save(self, path: str | Path) -> None:
+        doc = {"version": VERSION, "key": self.key, "info": self.info,
+               "tensors": {n: [{"candidate": m.candidate.to_json(), "bytes": m.bytes, "damage": m.damage}
+                               for m in rows] for n, rows in self.tensors.items()}}
+        atomic_write_text(path, json.dumps(doc, indent=None, separators=(",", ":")) + "\n")
+
+
+def load_measurement(path: str | Path, key: str) -> Measurement | None:
+    """The cached measurement at path when it was made for `key`; None when absent, stale or unreadable (a cache
+    is never trusted further than its key)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("version") != VERSION or doc.get("key") != key:
+            return None
+        tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
+                       for r in rows] for n, rows in doc["tensors"].items()}
+        return Measurement(key, tensors, dict(doc.get("info", {})) | {"cached": True})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(digest: str, options: Mapping) -> str:
+    """The key of a cached measurement or calibration: the checkpoint's digest and the options that shaped it."""
+    text = json.dumps({"version": VERSION, "checkpoint": digest, "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) -> nats per token
+
+
+def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Candidate]], roles: Mapping[str, str],
+            hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer, damage: Damage, key: str,
+            info: dict | None = None, progress: Callable[[int, int], None] | None = None) -> Measurement:
+    """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
+    Candidates that differ only by an LQER correction share the codes of their base."""
+    start = time.perf_counter()
+    tensors: dict[str, list[Measured]] = {}
+    total, done = sum(len(g) for g in grids.values()), 0
+    for name, grid in grids.items():
+        w = state_dict[name].float()
+        h = hessians.get(name)
+        prepared = quantizer.prepare(h) if any(c.bits is not None for c in grid) else None
+        base: dict[Candidate, QuantizedTensor] = {}
+        rows = []
+        for cand in grid:
+            plain = Candidate(cand.bits, cand.clip)
+            if cand.lqer is not None and plain in base:
+                value = _with_lqer(base[plain], w, cand.lqer, h)
+            else:
+                value = stored(w, cand, roles[name], h, quantizer, prepared)
+                if cand.lqer is None and cand.bits is not None:
+                    base[cand] = value
+            rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value))))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        tensors[name] = rows
+    meta = dict(info or {}) | {"seconds": round(time.perf_counter() - start, 2), "candidates": total,
+                               "cached": False}
+    return Measurement(key, tensors, meta)
+
+
+def _with_lqer(qt: QuantizedTensor, w: torch.Tensor, lqer: LqerOptions, h: torch.Tensor | None) -> QuantizedTensor:
+    return apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, h)
+
+

@@ -1,0 +1,56 @@
+"""One matrix at one setting (width, clip, optional LQER): GPTQ when asked and a Hessian exists, else RTN.
+
+The one place the pipeline, the measurement and the budget search turn a float weight into codes, so that what
+the measurement priced is what the artifact holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from golfquant.quant.clip import ClipSpec, round_codes, row_scales
+from golfquant.quant.gptq import GPTQStats, PreparedHessian, gptq_quantize, prepare_hessian
+from golfquant.quant.lqer import LqerOptions, apply_lqer
+from golfquant.quant.qtensor import QuantizedTensor
+
+METHODS = ("gptq", "rtn")
+# Clip methods that read the tensor's Hessian; tensors without one fall back to plain k·std clipping.
+HESSIAN_CLIPS = ("hsdclip",)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How codes are made: `gptq` (Cholesky GPTQ at the clip's fixed row scales) or `rtn` (round to nearest)."""
+
+    method: str = "gptq"
+    block_size: int = 128
+    act_order: bool = True
+    damp: float = 0.01
+
+    def prepare(self, hessian: torch.Tensor | None) -> list[PreparedHessian] | None:
+        """The GPTQ factorisation of one Hessian, to share across the candidates quantized against it."""
+        if self.method != "gptq" or hessian is None:
+            return None
+        return prepare_hessian(hessian, self.damp, self.act_order)
+
+    def __call__(self, w: torch.Tensor, bits: int, clip: ClipSpec, role: str | None, hessian: torch.Tensor | None,
+                 lqer: LqerOptions | None = None, prepared: list[PreparedHessian] | None = None,
+                 errors: bool = True) -> tuple[QuantizedTensor, GPTQStats | None]:
+        """Codes of w at `bits` with `clip`; GPTQ's statistics when it ran (errors=False: without the
+        Hessian-weighted errors). With `lqer` (rank > 0) the result carries a low-rank correction of its error,
+        fitted with the activation scaling of the Hessian."""
+        w = w.float()
+        if clip.method in HESSIAN_CLIPS and hessian is None:
+            clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
+        scales = row_scales(w, bits, clip, hessian, role)
+        stats = None
+        if self.method == "gptq" and hessian is not None:
+            qt, stats = gptq_quantize(w, hessian, bits, scales, self.block_size, self.act_order, self.damp, prepared,
+                                      errors)
+        else:
+            qt = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
+        if lqer is not None and lqer.rank > 0:
+            qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
+        return qt, stats

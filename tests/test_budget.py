@@ -1,0 +1,173 @@
+"""`--budget`: measured allocation over every matrix, confirmed against the uniform plans, fitted, cached."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from golfquant.api import quantize_checkpoint
+from golfquant.artifact import artifact_sizes, load_artifact, read_artifact
+from golfquant.calib import CalibConfig
+from golfquant.checkpoint import load_checkpoint, save_checkpoint
+from golfquant.data import default_data_dir
+from golfquant.errors import OptionError
+from golfquant.measure import Candidate, candidate_grid
+from golfquant.pipeline import QuantizeOptions
+from golfquant.plan import PlanOptions
+from helpers import tiny_checkpoint
+
+CALIB = CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128)
+BUNDLED = default_data_dir() / "model.pt"
+
+
+def opts(budget, **kw):
+    return QuantizeOptions(calib=CALIB, budget=budget, **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "mini.pt", num_layers=2, model_dim=64, vocab_size=256,
+                           num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def sizes(ckpt, tmp_path_factory):
+    """Artifact bytes of the uniform int4 and int8 plans (every matrix quantized)."""
+    out = tmp_path_factory.mktemp("uniform")
+    size = {}
+    for b in (4, 8):
+        plan = PlanOptions(mlp=f"int{b}", attn=f"int{b}", embed=f"int{b}", float_max_numel=0)
+        size[b] = quantize_checkpoint(ckpt, out / f"u{b}.gqa", QuantizeOptions(plan=plan, calib=CALIB,
+                                                                             clip="sdclip:8"))["total_bytes"]
+    return size
+
+
+def test_budget_is_never_exceeded_and_is_spent(ckpt, sizes, tmp_path):
+    code = tmp_path / "train_gpt.py"
+    code.write_text("x = 1\n" * 300)
+    code_bytes = code.stat().st_size
+    for frac in (0.0, 0.5, 1.0):
+        budget = int(sizes[4] + frac * (sizes[8] - sizes[4])) + code_bytes
+        out = tmp_path / f"{frac}.gqa"
+        s = quantize_checkpoint(ckpt, out, opts(budget), code, cache=tmp_path / "m")
+        assert s["total_bytes"] == out.stat().st_size + code_bytes <= budget
+        assert s["total_bytes"] >= 0.97 * budget, (budget, s["total_bytes"])
+        assert all(a["free"] for a in s["allocation"])
+        load_artifact(out)  # valid and complete
+
+
+def test_unreachable_budget_names_the_smallest_size_and_writes_no_artifact(ckpt, tmp_path):
+    with pytest.raises(OptionError, match=r"cannot be met: the smallest reachable artifact is [\d,]+ bytes \+ 0 code"):
+        quantize_checkpoint(ckpt, tmp_path / "x.gqa", opts(5_000))
+    assert not (tmp_path / "x.gqa").exists()
+
+
+def test_never_worse_than_the_uniform_plans_on_the_measured_tokens(ckpt, sizes, tmp_path):
+    budget = (sizes[4] + sizes[8]) // 2
+    s = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))
+    rows = {p["plan"]: p for p in s["plans"]}
+    chosen = [p for p in s["plans"] if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["plan"] == s["chosen_plan"] == read_artifact(tmp_path / "a.gqa").manifest["meta"]["plan"]
+    measured = [p["measured_kl"] for name, p in rows.items() if name != "allocated" and p["measured_kl"] is not None]
+    assert len(measured) >= 2  # the uniform plans that fit this budget were measured
+    assert chosen[0]["measured_kl"] <= min(measured)
+    assert all(p["total_bytes"] <= budget for p in s["plans"] if p["total_bytes"] is not None)
+
+
+def test_a_tensor_made_sensitive_receives_more_bytes(tmp_path):
+    """The last MLP's output projection scaled up x4 (no normalisation follows it before the head's final_norm, so
+    the same relative error costs ~16x more): the measured damage of its branch rises and the allocation moves
+    bytes to it. The bundled (trained) model, with the attention, the embedding and the first MLPs fixed."""
+    name = "blocks.3.mlp.proj.weight"
+    bundled = load_checkpoint(BUNDLED)
+    loud = dict(bundled.state_dict) | {name: bundled.state_dict[name] * 4}
+    save_checkpoint(tmp_path / "loud.pt", loud, bundled.config)
+    options = QuantizeOptions(plan=PlanOptions(attn="int6", embed="int8", rules=[(r"blocks\.[01]\.mlp\.", "int6")]),
+                              fixed_roles=("attn", "embed"), method="rtn", calib=CalibConfig(seqs=4, holdout=1024),
+                              budget=2_150_000)
+
+    def branch(path) -> tuple[float, float]:
+        s = quantize_checkpoint(path, tmp_path / "x.gqa", options, cache=tmp_path / path.stem)
+        assert {a["name"] for a in s["allocation"] if a["free"]} == {f"blocks.{i}.mlp.{p}.weight" for i in (2, 3)
+                                                                     for p in ("fc", "proj")}
+        t = {t.name: t for t in artifact_sizes(tmp_path / "x.gqa").tensors}
+        mine = [t[f"blocks.3.mlp.{p}.weight"] for p in ("fc", "proj")]
+        damage = load_measurement_rows(tmp_path / f"{path.stem}.measurement.json", name)
+        return sum(x.total for x in mine) / sum(x.numel for x in mine), damage
+
+    quiet_bytes, quiet_damage = branch(BUNDLED)
+    loud_bytes, loud_damage = branch(tmp_path / "loud.pt")
+    assert min(l / q for l, q in zip(loud_damage, quiet_damage)) > 4
+    assert loud_bytes > 1.2 * quiet_bytes, (quiet_bytes, loud_bytes)
+
+
+def load_measurement_rows(path, name) -> list[float]:
+    return [r["damage"] for r in json.loads(path.read_text())["tensors"][name] if r["candidate"]["bits"]]
+
+
+def test_measurement_is_cached_reused_and_invalidated(ckpt, sizes, tmp_path):
+    budget = (sizes[4] + sizes[8]) // 2
+    first = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))
+    assert (tmp_path / "a.measurement.json").exists() and (tmp_path / "a.calibration.safetensors").exists()
+    again = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget + 500))
+    assert not first["measurement"]["cached"] and again["measurement"]["cached"]
+    # the cache changes nothing: the same bytes as a run without it
+    quantize_checkpoint(ckpt, tmp_path / "b.gqa", opts(budget + 500), cache=False)
+    assert (tmp_path / "a.gqa").read_bytes() == (tmp_path / "b.gqa").read_bytes()
+    # another checkpoint, or other options, measure again
+    other = load_checkpoint(ckpt)
+    other.state_dict["blocks.0.attn.c_q.weight"] = other.state_dict["blocks.0.attn.c_q.weight"] * 1.01
+    save_checkpoint(tmp_path / "other.pt", other.state_dict, other.config)
+    changed = [quantize_checkpoint(tmp_path / "other.pt", tmp_path / "a.gqa", opts(budget)),
+               quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget, method="rtn")),
+               quantize_checkpoint(ckpt, tmp_path / "a.gqa", QuantizeOptions(
+                   calib=CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128, seed=7), budget=budget))]
+    assert [c["measurement"]["cached"] for c in changed] == [False, False, False]
+    # a damaged cache is measured again, never trusted
+    (tmp_path / "a.measurement.json").write_text("{not json")
+    (tmp_path / "a.calibration.safetensors").write_bytes(b"junk")
+    assert not quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))["measurement"]["cached"]
+
+
+def test_float_is_a_candidate_and_the_convention_holds_only_when_asked(ckpt, sizes, tmp_path):
+    huge = 10 * sizes[8]
+    s = quantize_checkpoint(ckpt, tmp_path / "f.gqa", opts(huge), cache=False)
+    assert {a["scheme"] for a in s["allocation"]} == {"fp16"}  # no damage left to remove: everything float
+    kept = quantize_checkpoint(ckpt, tmp_path / "g.gqa", opts(3 * sizes[8], fixed_float=True), cache=False)
+    small = {t["name"] for t in kept["tensors"] if "blocks" in t["name"] and t["scheme"] == "fp16"}
+    assert small and not small & {a["name"] for a in kept["allocation"]}  # <= 65,536 elements: fixed fp16
+
+
+def test_explicit_widths_stay_fixed(ckpt, sizes, tmp_path):
+    s = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(sizes[8], fixed_roles=("mlp",),
+                                                           plan=PlanOptions(mlp="int3")), cache=False)
+    assert s["total_bytes"] <= sizes[8]
+    for a in s["allocation"]:
+        assert a["free"] == (".mlp." not in a["name"])
+        if ".mlp." in a["name"]:
+            assert a["scheme"] == "int3"
+
+
+def test_candidate_grid_holds_float_records_and_lqer_only_for_matrices():
+    grid = candidate_grid("mlp", 2)
+    keys = [c.key for c in grid]
+    assert keys[0] == "fp16" and len(set(keys)) == len(keys)
+    assert Candidate(6, grid[0].clip) not in grid  # the float candidate has no clip
+    assert "int6 sdclip:default=12.85" in keys and "int8 sdclip:default=20.0" in [c.key for c in candidate_grid("embed", 2)]
+    assert any(c.lqer for c in grid) and not any(c.lqer for c in candidate_grid("mlp", 3))
+    assert all(Candidate.from_json(c.to_json()) == c for c in grid)
+    assert {c.bits for c in grid} == {None, *range(2, 9)}
+    assert all(re.fullmatch(r"fp16|int\d sdclip:default=[\d.]+( \+lqer4)?", k) for k in keys)
+
+
+def test_prune_to_budget_keeps_the_plan(ckpt, tmp_path):
+    plan = PlanOptions(mlp="int5", attn="int5", embed="int6", float_max_numel=0)
+    plain = quantize_checkpoint(ckpt, tmp_path / "p.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn"))
+    budget = int(plain["total_bytes"] * 0.97)
+    s = quantize_checkpoint(ckpt, tmp_path / "q.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn",
+                                                                      budget=budget, prune_to_budget=True))
+    assert s["total_bytes"] <= budget and s["pruned_codes"] > 0
+    assert [t["scheme"] for t in s["tensors"]] == [t["scheme"] for t in plain["tensors"]]
+    assert torch.equal(load_artifact(tmp_path / "q.gqa")["skip_weights"], load_artifact(tmp_path / "p.gqa")["skip_weights"])
