@@ -21,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
-from golfquant.measure import WIDE_K, load_measurement
+from golfquant.measure import WIDE_K, read_measurement
 from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
 
@@ -84,16 +85,13 @@ class Bench:
 
     def budget(self, budget: int) -> dict:
         s, out = self.quantize(QuantizeOptions(calib=self.calib, budget=budget), cache=self.work / "measure")
-        schemes: dict[str, int] = {}
-        for a in s["allocation"]:
-            schemes[a["setting"].split(" sdclip")[0] + (" +lqer" if "lqer" in a["setting"] else "")] = \
-                schemes.get(a["setting"].split(" sdclip")[0] + (" +lqer" if "lqer" in a["setting"] else ""), 0) + 1
-        return self.point("--budget", s, out, chosen_plan=s["chosen_plan"], schemes=schemes,
+        schemes = Counter(a["scheme"] + " +lqer" * ("lqer" in a["setting"]) for a in s["allocation"])
+        return self.point("--budget", s, out, chosen_plan=s["chosen_plan"], schemes=dict(sorted(schemes.items())),
                           measurement_cached=s["measurement"]["cached"], plans=s["plans"])
 
     def best_k(self) -> dict[int, float]:
         """Per width, the k of the grid with the least summed measured damage (the measurement of --budget)."""
-        m = load_measurement(self.work / "measure.measurement.json", _key(self.work / "measure.measurement.json"))
+        m = read_measurement(self.work / "measure.measurement.json")
         out = {}
         for bits in WIDTHS:
             damage = {k: sum(r.damage for rows in m.tensors.values() for r in rows
@@ -117,10 +115,6 @@ class Bench:
         s, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib,
                                                budget=budget, prune_to_budget=True))
         return self.point(f"uniform int{bits}", s, out, k=k, pruned_codes=s["pruned_codes"])
-
-
-def _key(path: Path) -> str:
-    return json.loads(path.read_text())["key"]
 
 
 def run(label: str, path: Path, args) -> dict:

@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python benchmarks/codecs.py [--no-exhaustive]   (writes benchmarks/codecs.json)
 
-Models: the bundled checkpoint and a baseline-size synthetic model (9 x 512, vocab 1024: benchmarks/budget.py
-`baseline_like_state_dict`). Codes: RTN, matrices int6 SDClip k = 12.85, the tied embedding int8 k = 20 (the
+Models: the bundled checkpoint and a baseline-size synthetic model (9 x 512, vocab 1024:
+`checkpoints.synthetic_state_dict`). Codes: RTN, matrices int6 SDClip k = 12.85, the tied embedding int8 k = 20 (the
 SDClip records' setting), tensors with <= 65,536 elements fp16/fp32 as the challenge does.
 Per model: our artifact (fast writer, and exhaustive when not skipped) against the records' method over the same
 codes (torch.save of the int8 codes + fp16 scales + passthrough tensors -> byte shuffle stride 2 -> brotli-11) and
@@ -37,7 +37,7 @@ from golfquant.plan import PlanOptions, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.rtn import quantize_rtn
 
-from budget import CHECKPOINT, baseline_like_state_dict
+from checkpoints import BUNDLED as CHECKPOINT, synthetic_state_dict
 
 OUT = Path(__file__).with_suffix(".json")
 
@@ -156,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bundled = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["model"]
     results = [measure("bundled 4x320", bundled, not args.no_exhaustive, None),
-               measure("baseline-like 9x512 synthetic", baseline_like_state_dict(), not args.no_exhaustive, 8)]
+               measure("baseline-like 9x512 synthetic", synthetic_state_dict(), not args.no_exhaustive, 8)]
     atomic_write_text(OUT, json.dumps({"results": results}, indent=1) + "\n")
 
 

@@ -21,10 +21,12 @@ With `prune_to_budget` the plan's own widths are kept and only pruning fits it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,7 +42,8 @@ from golfquant.codec.rans import estimate_encoded_bytes
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.errors import OptionError
 from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, cache_key, candidate_grid, dequantized,
-                               load_measurement, measure, record_candidate, sdclip, state_dict_digest)
+                               load_measurement, measure, record_candidate, sdclip, state_dict_digest,
+                               stored_bytes)
 from golfquant.pipeline import (Calibration, Progress, QuantizeOptions, QuantizeResult, TensorReport,
                                 build_float_model, calibrate, gptq_meta, hessian_of, quantize_tensor, stage)
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
@@ -93,11 +96,13 @@ class BudgetResult:
     measurement: dict  # how the table was made: cached, seconds, candidates, signal
     pruned_codes: int
     rounds: int  # encodes
+    seconds: dict[str, float]  # wall time per stage: calibration, sensitivity, measurement, solve, confirm, encode
 
     def summary(self) -> dict:
         total = self.encoded.info.total_bytes + self.code_bytes
         return {"budget": self.budget, "budget_used": total / self.budget, "pruned_codes": self.pruned_codes,
                 "chosen_plan": self.chosen, "encode_rounds": self.rounds, "measurement": self.measurement,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
                 "plans": [dataclasses.asdict(p) for p in self.plans],
                 "allocation": [dataclasses.asdict(a) for a in self.allocation]}
 
@@ -127,17 +132,19 @@ def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, code_bytes: int,
         raise OptionError(f"budget {opts.budget:,} bytes is used up by the {code_bytes:,} code bytes alone")
     run = _Run(ckpt, opts, spec, room, extra_meta, progress)
     if opts.prune_to_budget:
-        run.calibration = calibration or run.calibrate(cache, heldout=False)
+        with run.timed("calibration"):
+            run.calibration = calibration or run.calibrate(cache, heldout=False)
         encoded, pruned, rounds = run.fit_fixed()
         return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), [], None, {},
-                                  pruned, rounds), on_tensor)
-    run.calibration = calibration or run.calibrate(cache, heldout=True)
-    if run.calibration.heldout is None:
-        run.calibration.heldout = run.heldout()
+                                  pruned, rounds, run.seconds), on_tensor)
+    with run.timed("calibration"):
+        run.calibration = calibration or run.calibrate(cache, heldout=True)
+        if run.calibration.heldout is None:
+            run.calibration.heldout = run.heldout()
     run.measurement = measurement or run.measure(cache)
     encoded, pruned, rounds = run.fit_allocated()
     return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), run.rows,
-                              run.chosen, run.measurement.info, pruned, rounds), on_tensor)
+                              run.chosen, run.measurement.info, pruned, rounds, run.seconds), on_tensor)
 
 
 def _emit(res: BudgetResult, on_tensor: Callable[[TensorReport], None] | None) -> BudgetResult:
@@ -168,10 +175,20 @@ class _Run:
         self.values: dict[tuple[str, str], tuple[QuantizedTensor | torch.Tensor, TensorReport | None]] = {}
         self.exact: dict[tuple[str, str], float] = {}
         self.choice: dict[str, Candidate] = {}
+        self.confirmed: dict[str, Candidate] = {}  # the plan the confirmation chose, before fitting
         self.override: dict[str, QuantizedTensor] = {}  # pruned tensors
         self.rows: list[PlanRow] = []
         self.chosen: str | None = None
         self.pruned = 0
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, stage_name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage_name] = self.seconds.get(stage_name, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------ calibration
 
@@ -225,7 +242,8 @@ class _Run:
                 return cached
         hessians = self.calibration.hessians
         held = self.calibration.heldout
-        sens = measure_sensitivity(self.model, held, hessians, batch=self.opts.calib.batch)
+        with self.timed("sensitivity"):
+            sens = measure_sensitivity(self.model, held, hessians, batch=self.opts.calib.batch)
 
         def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor) -> float:
             d = sens.damage(name, w, w_hat)
@@ -233,8 +251,9 @@ class _Run:
 
         roles = {n: self.plan[n].role for n in grids}
         info = {"signal": "fisher", "heldout_tokens": int(held.numel())}
-        m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer, damage,
-                    key, info, stage(self.progress, "measure"))
+        with self.timed("measurement"):
+            m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer,
+                        damage, key, info, stage(self.progress, "measure"))
         if path is not None:
             m.save(path)
         return m
@@ -252,27 +271,18 @@ class _Run:
         if key not in self.values:
             tp = self.plan[name]
             if cand.bits is None:
-                self.values[key] = (self.sd[name].to(torch.float16), None)
+                self.values[key] = (cast_to_scheme(self.sd[name], cand.scheme), None)
             else:
                 h = hessian_of(self.calibration.hessians, name)
                 self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer)
         return self.values[key][0]
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:
-        """The coder's size model of the candidate's codes, plus raw scales (and factors): what it adds to the
-        artifact, up to the compression of the shared sections."""
+        """The candidate's bytes with its codes priced by the coder's own size model."""
         key = (name, cand.key)
         if key not in self.exact:
-            v = self.value(name, cand)
-            if not isinstance(v, QuantizedTensor):
-                self.exact[key] = float(v.numel() * v.element_size())
-            else:
-                total = estimate_encoded_bytes(v.codes.numpy(), v.bits) + 2 * v.scales.numel()
-                if v.lqer is not None:
-                    lq = v.lqer
-                    total += estimate_encoded_bytes(lq.a_codes.numpy(), lq.a_bits)
-                    total += estimate_encoded_bytes(lq.b_codes.numpy(), lq.b_bits) + 2 * (1 + lq.b_scales.numel())
-                self.exact[key] = total
+            self.exact[key] = stored_bytes(self.value(name, cand),
+                                           lambda codes, bits: estimate_encoded_bytes(codes.numpy(), bits))
         return self.exact[key]
 
     # -------------------------------------------------------------------------------------------- solving
@@ -318,6 +328,10 @@ class _Run:
 
     def solve(self, family: str, room: float) -> Choice | None:
         """The family's plan for `room`, every candidate it uses priced exactly, solved again until it fits."""
+        with self.timed("solve"):
+            return self._solve(family, room)
+
+    def _solve(self, family: str, room: float) -> Choice | None:
         for _ in range(_SOLVE_ROUNDS):
             choice = self.plan_family(family, self.table(), room)
             if choice is None:
@@ -347,13 +361,15 @@ class _Run:
                               f"{encoded.info.total_bytes:,} bytes + {self.opts.budget - self.room:,} code bytes; "
                               "raise the budget, or free the widths fixed by --mlp/--attn/--embed/--other/--rule")
         choices = {f: self.solve(f, self.room - overhead) for f in self.families()}
-        self._confirm(choices, overhead)
+        with self.timed("confirm"):
+            self._confirm(choices, overhead)
         if self.chosen is None:  # the smallest plan fits, but none of the families' plans did
             choices["allocated"] = choice
             self.chosen = "allocated"
             for row in self.rows:
                 row.chosen = row.plan == "allocated"
         choice = choices[self.chosen]
+        self.confirmed = {n: self._cand(n, i) for n, i in choice.items()}
         while True:
             if {n: self._cand(n, i) for n, i in choice.items()} != self.choice:
                 encoded, rounds = self._encode_choice(choice), rounds + 1
@@ -366,10 +382,20 @@ class _Run:
             choice = refit
         if encoded.info.total_bytes > self.room:
             encoded = self._prune(encoded)
-        for row in self.rows:
-            if row.chosen:
-                row.total_bytes = encoded.info.total_bytes + self.opts.budget - self.room
+        self._report_final(encoded)
         return encoded, self.pruned, rounds
+
+    def _report_final(self, encoded: EncodedArtifact) -> None:
+        """The chosen row describes the artifact itself: its real bytes and, when fitting changed the plan (a
+        re-solve for the real overhead, or pruning), the KL measured again."""
+        row = next(r for r in self.rows if r.chosen)
+        row.total_bytes = encoded.info.total_bytes + self.opts.budget - self.room
+        if self.choice != self.confirmed or self.override:
+            tensors, _ = self.tensors()
+            with self.timed("confirm"):
+                row.measured_kl = self.kl({n: dequantized(tensors[n]) for n in self.choice})
+            table = self.measurement.tensors
+            row.predicted_kl = sum(next(m.damage for m in table[n] if m.candidate == c) for n, c in self.choice.items())
 
     def _encode_choice(self, choice: Choice) -> EncodedArtifact:
         self.choice = {n: self._cand(n, i) for n, i in choice.items()}
@@ -454,7 +480,8 @@ class _Run:
         tensors, plan = self.tensors()
         if self.progress:
             self.progress("encode", 0, 1)
-        encoded = encode_artifact(tensors, plan, self.meta() | self.extra_meta, exhaustive=self.opts.exhaustive)
+        with self.timed("encode"):
+            encoded = encode_artifact(tensors, plan, self.meta() | self.extra_meta, exhaustive=self.opts.exhaustive)
         if self.progress:
             self.progress("encode", 1, 1)
         return encoded

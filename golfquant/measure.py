@@ -31,6 +31,7 @@ import torch
 
 from golfquant.atomic import atomic_write_text
 from golfquant.codec.sizemodel import order0_bytes
+from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
@@ -38,8 +39,6 @@ from golfquant.quant.quantize import Quantizer
 
 VERSION = 1  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
-_FLOAT_BYTES = 2
-_SCALE_BYTES = 2
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
 RECORD_SETTING = {"embed": (8, 20.0), "default": (6, 12.85)}  # 04-05 SDClip record: matrices, embeddings
@@ -112,20 +111,25 @@ def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | 
            prepared=None) -> QuantizedTensor | torch.Tensor:
     """The value the artifact holds for w under `cand`: a QuantizedTensor, or the fp16 tensor."""
     if cand.bits is None:
-        return w.to(torch.float16)
+        return cast_to_scheme(w, FLOAT_SCHEME)
     return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False)[0]
 
 
-def entropy_bytes(value: QuantizedTensor | torch.Tensor) -> float:
-    """The table's bytes of a stored value (module docstring)."""
+def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
+    """What a stored value adds to an artifact before the shared sections' compression: its codes, priced by
+    codes_bytes(codes, bits), and the raw bytes of its scales, LQER factors included; a float tensor's raw bytes."""
     if not isinstance(value, QuantizedTensor):
-        return float(value.numel() * _FLOAT_BYTES)
-    total = order0_bytes(value.codes.numpy()) + _SCALE_BYTES * value.scales.numel()
+        return float(value.numel() * value.element_size())
+    parts = [(value.codes, value.bits, value.scales)]
     if value.lqer is not None:
         lq = value.lqer
-        total += order0_bytes(lq.a_codes.numpy()) + order0_bytes(lq.b_codes.numpy())
-        total += _SCALE_BYTES * (1 + lq.b_scales.numel())
-    return total
+        parts += [(lq.a_codes, lq.a_bits, lq.a_scale), (lq.b_codes, lq.b_bits, lq.b_scales)]
+    return sum(codes_bytes(codes, bits) + scales.numel() * scales.element_size() for codes, bits, scales in parts)
+
+
+def entropy_bytes(value: QuantizedTensor | torch.Tensor) -> float:
+    """The table's bytes of a stored value: its codes at their order-0 entropy."""
+    return stored_bytes(value, lambda codes, bits: order0_bytes(codes.numpy()))
 
 
 def dequantized(value: QuantizedTensor | torch.Tensor) -> torch.Tensor:
@@ -145,18 +149,24 @@ class Measurement:
         atomic_write_text(path, json.dumps(doc, indent=None, separators=(",", ":")) + "\n")
 
 
+def read_measurement(path: str | Path) -> Measurement:
+    """A saved measurement, whatever it was made for (ValueError, KeyError or TypeError when malformed)."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("version") != VERSION:
+        raise ValueError(f"measurement version {doc.get('version')!r}, not {VERSION}")
+    tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
+                   for r in rows] for n, rows in doc["tensors"].items()}
+    return Measurement(str(doc["key"]), tensors, dict(doc.get("info", {})) | {"cached": True})
+
+
 def load_measurement(path: str | Path, key: str) -> Measurement | None:
     """The cached measurement at path when it was made for `key`; None when absent, stale or unreadable (a cache
     is never trusted further than its key)."""
     try:
-        doc = json.loads(Path(path).read_text())
-        if doc.get("version") != VERSION or doc.get("key") != key:
-            return None
-        tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
-                       for r in rows] for n, rows in doc["tensors"].items()}
-        return Measurement(key, tensors, dict(doc.get("info", {})) | {"cached": True})
+        m = read_measurement(path)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return m if m.key == key else None
 
 
 def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

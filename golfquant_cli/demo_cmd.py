@@ -1,45 +1,59 @@
-"""`golfquant demo`: quantize -> size-report -> roundtrip-eval on the bundled checkpoint."""
+"""`golfquant demo`: the records' recipe, then `--budget` at the same bytes, on the bundled checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
+from golfquant.api import quantize_checkpoint
 from golfquant.calib import CalibConfig
 from golfquant.data import default_data_dir, default_tokenizer_path, default_val_pattern
-from golfquant.api import quantize_checkpoint
 from golfquant.pipeline import QuantizeOptions, RoundtripOptions, roundtrip_eval
 from golfquant.plan import PlanOptions
 from golfquant.report import size_report
 from golfquant_cli import render
 from golfquant_cli.options import json_option
 
-DEMO_PLAN = PlanOptions(mlp="int4", attn="int6", embed="int8")
+# The SDClip records' recipe (brief §2.10): GPTQ int6 k=12.85 on the matrices, int8 k=20 on the tied embedding.
+RECORDS_PLAN = PlanOptions(mlp="int6", attn="int6", embed="int8", other="int6")
+RECORDS_CLIP = "sdclip:12.85,embed=20"
 
 
 @click.command()
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-@click.option("--calib-seqs", default=16, show_default=True, help="Self-generated calibration sequences.")
+@click.option("--calib-seqs", default=64, show_default=True, help="Self-generated calibration sequences.")
+@click.option("--max-tokens", default=None, type=int, help="Validation tokens to evaluate [default: all].")
 @json_option
-def demo(out_dir, calib_seqs, as_json):
-    """The main job on the bundled model: GPTQ int4 MLP / int6 attention / int8 embedding, then size and bpb."""
+def demo(out_dir, calib_seqs, max_tokens, as_json):
+    """The main job on the bundled model: the records' recipe, then `quantize --budget` at the bytes it needs,
+    and the val_bpb of both."""
     ckpt = default_data_dir() / "model.pt"
-    artifact = out_dir / "model.gqa"
-    opts = QuantizeOptions(plan=DEMO_PLAN, method="gptq", clip="amax",
-                           calib=CalibConfig(seqs=calib_seqs, batch=calib_seqs))
+    calib = CalibConfig(seqs=calib_seqs)
     say = (lambda text: None) if as_json else render.console.rule
-    say(f"1/3 quantize {ckpt.name}: GPTQ on self-generated calibration, int4 MLP, int6 attention, int8 embedding")
+    say("1/4 the records' recipe: GPTQ int6 SDClip k=12.85 on the matrices, int8 k=20 on the tied embedding")
     with render.stage_progress(enabled=not as_json) as progress:
-        summary = quantize_checkpoint(ckpt, artifact, opts, progress=progress,
-                                      on_tensor=None if as_json else render.print_tensor_report)
-    say("2/3 size-report")
-    report = size_report(artifact)
-    say("3/3 roundtrip-eval: val_bpb of the float and the quantized model on the bundled validation shard")
-    rt_opts = RoundtripOptions(val_pattern=default_val_pattern(), tokenizer=str(default_tokenizer_path()))
+        records = quantize_checkpoint(ckpt, out_dir / "records.gqa", QuantizeOptions(
+            plan=RECORDS_PLAN, clip=RECORDS_CLIP, calib=calib), progress=progress)
+    budget = records["total_bytes"]
+    say(f"2/4 quantize --budget {budget:,}: every matrix's storage chosen by measured damage, at the same bytes")
     with render.stage_progress(enabled=not as_json) as progress:
-        roundtrip = roundtrip_eval(artifact, ckpt, rt_opts, progress)
+        summary = quantize_checkpoint(ckpt, out_dir / "model.gqa", QuantizeOptions(calib=calib, budget=budget),
+                                      progress=progress)
+    if not as_json:
+        render.print_quantize_summary(summary)
+    say("3/4 size-report")
+    report = size_report(out_dir / "model.gqa", budget=budget)
+    if not as_json:
+        render.print_size_report(report)
+    say("4/4 roundtrip-eval of both artifacts on the bundled validation shard")
+    rt_opts = RoundtripOptions(val_pattern=default_val_pattern(), tokenizer=str(default_tokenizer_path()),
+                               max_tokens=max_tokens)
+    roundtrips = {}
+    for name in ("records", "model"):
+        with render.stage_progress(enabled=not as_json) as progress:
+            roundtrips[name] = roundtrip_eval(out_dir / f"{name}.gqa", ckpt, rt_opts, progress)
     if as_json:
-        render.emit_json({"quantize": summary, "size_report": report, "roundtrip": roundtrip})
+        render.emit_json({"records": records, "quantize": summary, "size_report": report, "roundtrip": roundtrips})
         return
-    render.print_size_report(report)
-    render.print_roundtrip(roundtrip)
+    render.print_demo_comparison(records["total_bytes"], summary["total_bytes"], roundtrips["records"],
+                                 roundtrips["model"])

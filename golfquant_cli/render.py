@@ -101,6 +101,7 @@ def print_quantize_summary(summary: dict) -> None:
                             f"KL in nats/token on {m.get('heldout_tokens', 0):,} held-out tokens; * = chosen)",
                             ["plan", "total bytes", "predicted KL", "measured KL"], plans,
                             right=["total bytes", "predicted KL", "measured KL"]))
+        console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
     console.print(table("quantize", ["", "value"], rows, right=["value"]))
 
 
@@ -174,3 +175,15 @@ def print_compare_codecs(rows: list[dict]) -> None:
             body.append((r["name"] if i == 0 else "", f"int{r['bits']}" if i == 0 else "", layout or "(codes)", *cells))
     console.print(table("codes sections: bytes per codec and layout (* = written, bold = smallest)",
                         ["tensor", "bits", "layout", *codecs], body, right=codecs))
+
+
+def print_demo_comparison(records_bytes: int, budget_bytes: int, records: dict, budget: dict) -> None:
+    rows = [("float", "", fmt_bpb(records["float"]["val_bpb"]), ""),
+            ("records' recipe", fmt_bytes(records_bytes), fmt_bpb(records["quantized"]["val_bpb"]),
+             f"{records['gap_bpb']:+.4f}"),
+            ("--budget", fmt_bytes(budget_bytes), fmt_bpb(budget["quantized"]["val_bpb"]), f"{budget['gap_bpb']:+.4f}")]
+    console.print(table(f"val_bpb on {budget['tokens']:,} validation tokens", ["model", "total bytes", "val_bpb", "gap"],
+                        rows, right=["total bytes", "val_bpb", "gap"]))
+    if records["gap_bpb"] > 0:
+        console.print(f"--budget's gap is {budget['gap_bpb'] / records['gap_bpb']:.2f}x the records' recipe's "
+                      "at the same bytes")
