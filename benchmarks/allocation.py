@@ -33,13 +33,15 @@ from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
-from golfquant.measure import WIDE_K, read_measurement
+from golfquant.cache import read_measurement
+from golfquant.measure import WIDE_K
 from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
 
 OUT = Path(__file__).with_suffix(".json")
 WIDTHS = (5, 6, 7, 8)
 RECORDS_CLIP = "sdclip:12.85,embed=20"
+_SECANT = 4
 
 
 def uniform(bits: int) -> PlanOptions:
@@ -101,17 +103,23 @@ class Bench:
         return out
 
     def uniform_at(self, bits: int, budget: int, best_k: float) -> dict:
-        """Uniform intB filling `budget`: k from two artifacts (log bytes ~ linear in log k), pruned to fit."""
-        sizes = {}
-        for k in (best_k, best_k * 2):
-            s, _ = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib))
-            sizes[k] = s["total_bytes"]
-        (k0, s0), (k1, s1) = sizes.items()
-        if s0 <= budget:  # the best clip already fits: a tighter one would clip harder
-            k = best_k
-        else:
-            slope = math.log(s1 / s0) / math.log(k1 / k0)
-            k = round(k0 * math.exp(math.log(0.995 * budget / s0) / slope), 4)
+        """Uniform intB at `budget`: the k that fills it (secant steps on log bytes against log k, at most
+        _SECANT artifacts, the last pruned to fit), or the width's best k when that already fits."""
+        def size(k: float) -> int:
+            return self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib))[0][
+                "total_bytes"]
+
+        sizes = {best_k: size(best_k)}
+        k = best_k
+        if sizes[best_k] > budget:  # a coarser step is needed: bytes fall as k grows
+            sizes[2 * best_k] = size(2 * best_k)
+            for _ in range(_SECANT):
+                (k0, s0), (k1, s1) = sorted(sizes.items(), key=lambda ks: abs(math.log(ks[1] / budget)))[:2]
+                slope = math.log(s1 / s0) / math.log(k1 / k0) if s1 != s0 else -1.0
+                k = round(k0 * math.exp(math.log(0.997 * budget / s0) / slope), 4)
+                sizes[k] = size(k)
+                if 0.99 * budget <= sizes[k] <= budget:
+                    break
         s, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib,
                                                budget=budget, prune_to_budget=True))
         return self.point(f"uniform int{bits}", s, out, k=k, pruned_codes=s["pruned_codes"])

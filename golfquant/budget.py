@@ -18,13 +18,15 @@ Measure, solve, confirm, fit (ExLlamaV2's measure -> optimize, plus a check of t
    last resort. The caller writes the file, once.
 
 With `prune_to_budget` the plan's own widths are kept and only pruning fits it.
+
+One module, one state (`_Run`): every step reads and extends the same memo of quantized values and their exact
+prices, so that each candidate is quantized and priced once whichever plan asks for it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -32,22 +34,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from golfquant.artifact import EncodedArtifact, encode_artifact
-from golfquant.atomic import atomic_path
 from golfquant.checkpoint import Checkpoint
 from golfquant.codec.rans import estimate_encoded_bytes
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.errors import OptionError
-from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, cache_key, candidate_grid, dequantized,
-                               load_measurement, measure, record_candidate, sdclip, state_dict_digest,
-                               stored_bytes)
+from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
+                             save_measurement, state_dict_digest)
+from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, candidate_grid, dequantized, measure,
+                               record_candidate, sdclip, stored_bytes)
 from golfquant.pipeline import (Calibration, Progress, QuantizeOptions, QuantizeResult, TensorReport,
                                 build_float_model, calibrate, gptq_meta, hessian_of, quantize_tensor, stage)
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
-from golfquant.calib import Hessian, heldout_tokens
+from golfquant.calib import heldout_tokens
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
 from golfquant.quant.clip import ClipSpec
@@ -111,11 +111,6 @@ class BudgetResult:
 class _Priced:
     bytes: float
     damage: float
-
-
-def cache_paths(stem: Path) -> tuple[Path, Path]:
-    """(calibration, measurement) cache files of an output path's stem."""
-    return stem.with_name(stem.name + ".calibration.safetensors"), stem.with_name(stem.name + ".measurement.json")
 
 
 def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, code_bytes: int, extra_meta: dict,
@@ -212,12 +207,12 @@ class _Run:
         path = cache_paths(cache)[0] if cache is not None and heldout else None
         key = cache_key(self.digest, {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key()})
         if path is not None:
-            cached = _load_calibration(path, key)
+            cached = load_calibration(path, key)
             if cached is not None:
                 return cached
         calibration = calibrate(self.ckpt, self.opts, self.progress, self.plan, self.model, heldout=heldout)
         if path is not None:
-            _save_calibration(path, key, calibration)
+            save_calibration(path, key, calibration)
         return calibration
 
     def heldout(self) -> torch.Tensor:
@@ -255,7 +250,7 @@ class _Run:
             m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer,
                         damage, key, info, stage(self.progress, "measure"))
         if path is not None:
-            m.save(path)
+            save_measurement(path, m)
         return m
 
     def kl(self, weights: dict[str, torch.Tensor]) -> float:
@@ -536,40 +531,3 @@ class _Run:
         res, out = best
         self.pruned, self.override = res.pruned, res.tensors
         return out
-
-
-# ------------------------------------------------------------------------------------------ calibration cache
-
-
-def _save_calibration(path: Path, key: str, calibration: Calibration) -> None:
-    distinct: dict[int, int] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    names: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    for name, h in calibration.hessians.items():
-        if id(h) not in distinct:
-            distinct[id(h)] = len(distinct)
-            tensors[f"h{distinct[id(h)]}"] = h.H.contiguous()
-            counts[str(distinct[id(h)])] = h.tokens
-        names[name] = distinct[id(h)]
-    if calibration.heldout is not None:
-        tensors["heldout"] = calibration.heldout.contiguous()
-    meta = {"key": key, "names": json.dumps(names), "tokens": json.dumps(counts), "info": json.dumps(calibration.info)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def _load_calibration(path: Path, key: str) -> Calibration | None:
-    """The cached calibration when it was made for `key`, else None (absent, stale or unreadable)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") != key:
-            return None
-        tensors = load_file(str(path))
-        names, counts = json.loads(meta["names"]), json.loads(meta["tokens"])
-        shared = {int(i): Hessian(tensors[f"h{i}"], int(n)) for i, n in counts.items()}
-        hessians = {name: shared[int(i)] for name, i in names.items()}
-        return Calibration(hessians, json.loads(meta["info"]), heldout=tensors.get("heldout"))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
-        return None

@@ -1,8 +1,7 @@
 """Measure once: every free tensor at every candidate setting, with its bytes and its damage.
 
-This is ExLlamaV2's measurement pass for this format. The budget search (golfquant.budget) solves on the table; it
-is cached next to the output (`Measurement.save` / `load_measurement`, keyed by the checkpoint and by every option
-the numbers depend on), so a second `--budget` run, or a sweep over budgets, skips it.
+This is ExLlamaV2's measurement pass for this format. The budget search (golfquant.budget) solves on the table;
+golfquant.cache keeps it next to the output, so a second `--budget` run, or a sweep over budgets, skips it.
 
 Candidates of one matrix (`candidate_grid`), a set designed so that finer moves plug in as more entries:
 * fp16: the tensor kept in float (every matrix is in the trade under a budget, small ones included);
@@ -20,16 +19,12 @@ per candidate (`plan_kl`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from golfquant.atomic import atomic_write_text
 from golfquant.codec.sizemodel import order0_bytes
 from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip
@@ -142,47 +137,19 @@ class Measurement:
     tensors: dict[str, list[Measured]]
     info: dict = field(default_factory=dict)  # signal, held-out tokens, seconds, candidates
 
-    def save(self, path: str | Path) -> None:
-        doc = {"version": VERSION, "key": self.key, "info": self.info,
-               "tensors": {n: [{"candidate": m.candidate.to_json(), "bytes": m.bytes, "damage": m.damage}
-                               for m in rows] for n, rows in self.tensors.items()}}
-        atomic_write_text(path, json.dumps(doc, indent=None, separators=(",", ":")) + "\n")
+    def to_json(self) -> dict:
+        return {"version": VERSION, "key": self.key, "info": self.info,
+                "tensors": {n: [{"candidate": m.candidate.to_json(), "bytes": m.bytes, "damage": m.damage}
+                                for m in rows] for n, rows in self.tensors.items()}}
 
-
-def read_measurement(path: str | Path) -> Measurement:
-    """A saved measurement, whatever it was made for (ValueError, KeyError or TypeError when malformed)."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("version") != VERSION:
-        raise ValueError(f"measurement version {doc.get('version')!r}, not {VERSION}")
-    tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
-                   for r in rows] for n, rows in doc["tensors"].items()}
-    return Measurement(str(doc["key"]), tensors, dict(doc.get("info", {})) | {"cached": True})
-
-
-def load_measurement(path: str | Path, key: str) -> Measurement | None:
-    """The cached measurement at path when it was made for `key`; None when absent, stale or unreadable (a cache
-    is never trusted further than its key)."""
-    try:
-        m = read_measurement(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return m if m.key == key else None
-
-
-def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of a state_dict's names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_key(digest: str, options: Mapping) -> str:
-    """The key of a cached measurement or calibration: the checkpoint's digest and the options that shaped it."""
-    text = json.dumps({"version": VERSION, "checkpoint": digest, "options": options}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    @classmethod
+    def from_json(cls, doc: dict) -> "Measurement":
+        """ValueError, KeyError or TypeError when malformed or of another VERSION."""
+        if doc.get("version") != VERSION:
+            raise ValueError(f"measurement version {doc.get('version')!r}, not {VERSION}")
+        tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
+                       for r in rows] for n, rows in doc["tensors"].items()}
+        return cls(str(doc["key"]), tensors, dict(doc.get("info", {})))
 
 
 Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) -> nats per token

@@ -69,8 +69,10 @@ class QuantizeOptions:
                 raise OptionError(f"budget must be a positive number of bytes, got {self.budget}")
             if spec.method == "size":
                 raise OptionError("--clip size and --budget both choose the size: drop one of them")
-            if self.lqer.top > 0 and not self.prune_to_budget:
-                raise OptionError("--budget buys LQER corrections per tensor where they pay: drop --lqer")
+            if self.lqer.top > 0:
+                raise OptionError("--lqer cannot be combined with --prune-to-budget: drop one of them"
+                                  if self.prune_to_budget else
+                                  "--budget buys LQER corrections per tensor where they pay: drop --lqer")
             if self.sequential:
                 raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
         if self.sequential and self.method != "gptq":

@@ -15,6 +15,7 @@ from golfquant.data import default_data_dir
 from golfquant.errors import OptionError
 from golfquant.measure import Candidate, candidate_grid
 from golfquant.pipeline import QuantizeOptions
+from golfquant.quant.lqer import LqerOptions
 from golfquant.plan import PlanOptions
 from helpers import tiny_checkpoint
 
@@ -171,3 +172,14 @@ def test_prune_to_budget_keeps_the_plan(ckpt, tmp_path):
     assert s["total_bytes"] <= budget and s["pruned_codes"] > 0
     assert [t["scheme"] for t in s["tensors"]] == [t["scheme"] for t in plain["tensors"]]
     assert torch.equal(load_artifact(tmp_path / "q.gqa")["skip_weights"], load_artifact(tmp_path / "p.gqa")["skip_weights"])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lqer": LqerOptions(top=3)}, "buys LQER"),
+    ({"lqer": LqerOptions(top=3), "prune_to_budget": True}, "--lqer cannot be combined with --prune-to-budget"),
+    ({"sequential": True}, "--sequential cannot be combined"),
+    ({"clip": "size:3"}, "--clip size and --budget"),
+    ({"budget": 0}, "positive number of bytes")])
+def test_options_that_cannot_go_with_a_budget_are_refused(kw, match):
+    with pytest.raises(OptionError, match=match):
+        QuantizeOptions(**({"budget": 10_000} | kw)).validate()

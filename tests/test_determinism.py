@@ -2,7 +2,8 @@
 
 Each run is a separate process running `golfquant quantize` (GOLFQUANT_THREADS sets torch's thread count), all
 started at once to share the wait. On a 32-wide tiny model, tok_emb and the MLP matrices are quantized
-(--float-max-numel 2000), so GPTQ runs on matrices of 32 and 64 columns with self-generated calibration.
+(--float-max-numel 2000), so GPTQ runs on matrices of 32 and 64 columns with self-generated calibration; the
+budget variant measures, solves and confirms its plan for those matrices.
 """
 import json
 
@@ -13,7 +14,8 @@ from helpers import start_python, tiny_checkpoint
 from golfquant.artifact import read_artifact
 
 VARIANTS = {"rtn": ["--method", "rtn"],
-            "gptq": ["--method", "gptq", "--calib-seqs", "2", "--calib-len", "32"]}
+            "gptq": ["--method", "gptq", "--calib-seqs", "2", "--calib-len", "32"],
+            "budget": ["--calib-seqs", "2", "--calib-len", "32", "--budget", "30000", "--no-cache"]}
 RUNS = (("a", 1), ("b", 1), ("c", 2))  # (name, threads): a vs b is run to run, a vs c is 1 vs 2 threads
 TIMING_KEYS = ("generate_seconds", "hessian_seconds")
 # One process per run quantizes with every method in turn: separate processes (own hash seeds, fresh state) for the
@@ -75,3 +77,10 @@ def test_gptq_weights_and_meta_are_identical(artifacts, tmp_path):
 def test_gptq_is_byte_identical(artifacts):
     assert artifacts["gptq", "a"] == artifacts["gptq", "b"], "two runs differ"
     assert artifacts["gptq", "a"] == artifacts["gptq", "c"], "1 and 2 threads differ"
+
+
+def test_budget_is_byte_identical(artifacts, tmp_path):
+    """Measurement, solve, measured confirmation and fitting choose the same artifact, whatever the threads."""
+    assert "plan" in _content(artifacts["budget", "a"], tmp_path, "a.gqa")[1]
+    assert artifacts["budget", "a"] == artifacts["budget", "b"], "two runs differ"
+    assert artifacts["budget", "a"] == artifacts["budget", "c"], "1 and 2 threads differ"

@@ -80,3 +80,23 @@ def test_select_targets():
     assert select_lqer_targets(errors, top=10) == ["c", "a", "b", "d"]
     with pytest.raises(OptionError):
         select_lqer_targets(errors, top=-1)
+
+
+def test_activation_scaling_lowers_the_output_error_and_the_post_pass_passes_the_hessian(monkeypatch):
+    """With a Hessian whose diagonal is far from uniform, the activation-scaled SVD keeps the directions that
+    matter to the layer's output; the pipeline's --lqer post-pass hands each tensor its Hessian."""
+    g = _gen(1)
+    e = torch.randn(64, 128, generator=g) * 0.02 + torch.randn(64, 8, generator=g) @ torch.randn(8, 128, generator=g) * 0.01
+    x = torch.randn(512, 128, generator=g) * torch.logspace(-1, 1, 128)
+    h = x.T @ x / 512
+    plain, scaled = lqer_factors(e, rank=4), lqer_factors(e, rank=4, hessian=h)
+    out_err = lambda f: float((((e - f.product()) @ h) * (e - f.product())).sum())  # noqa: E731
+    assert out_err(scaled) < 0.9 * out_err(plain)
+
+    from golfquant import pipeline
+    seen = []
+    real = pipeline.apply_lqer
+    monkeypatch.setattr(pipeline, "apply_lqer", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    qt = QuantizedTensor(torch.zeros(64, 128, dtype=torch.int8), torch.ones(64, dtype=torch.float16), 4)
+    pipeline._apply_lqer({"w": qt}, {"w": e}, {"w": pipeline.Hessian(h, 512)}, pipeline.LqerOptions(top=1))
+    assert len(seen) == 1 and seen[0] is h
