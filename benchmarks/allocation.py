@@ -5,9 +5,10 @@ artifact:
 * budgets: five, evenly spaced from the bytes of uniform GPTQ int4 to those of uniform GPTQ int8 (every matrix,
   the default amax clip), and the bytes of the records' recipe;
 * `--budget B` (golfquant.budget; one measurement, cached, for all budgets);
-* uniform GPTQ int5, int6, int7, int8 at B: every matrix at that width with one SDClip k, the k that fills B
-  (found with two quantizations, the last ±1 codes pruned) or, when that k would clip harder than the width's
-  best k (the least summed measured damage over golfquant.measure's k grid), that best k with bytes left over;
+* uniform GPTQ int5, int6, int7, int8 at B: every matrix at that width, with the records' per-role SDClip k
+  (MLP 12, attention 13, embedding 15 at its int7; golfquant.quant.clip.RECORD_K) scaled to the width and by one
+  common factor s, the s that fills B (secant steps, the last ±1 codes pruned); s is kept large enough that the
+  MLP clip is >= 4 sigma, the tightest clip any measured allocation chose, and the bytes that leaves are unused;
 * the records' recipe: GPTQ int6 SDClip k=12.85 on the matrices, int8 k=20 on the tied embedding, at its own bytes.
 Every artifact's val_bpb is measured on the first --eval-tokens of the bundled validation split (never used by
 calibration or by the measurement), against the float model's on the same tokens.
@@ -33,8 +34,7 @@ from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
-from golfquant.cache import read_measurement
-from golfquant.measure import WIDE_K
+from golfquant.quant.clip import RECORD_K, RECORD_K_BITS
 from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
 
@@ -42,6 +42,7 @@ OUT = Path(__file__).with_suffix(".json")
 WIDTHS = (5, 6, 7, 8)
 RECORDS_CLIP = "sdclip:12.85,embed=20"
 _SECANT = 4
+MIN_CLIP = 4.0  # sigmas: the tightest clip of golfquant.measure's grid at int4..int8
 
 
 def uniform(bits: int) -> PlanOptions:
@@ -91,38 +92,32 @@ class Bench:
         return self.point("--budget", s, out, chosen_plan=s["chosen_plan"], schemes=dict(sorted(schemes.items())),
                           measurement_cached=s["measurement"]["cached"], plans=s["plans"])
 
-    def best_k(self) -> dict[int, float]:
-        """Per width, the k of the grid with the least summed measured damage (the measurement of --budget)."""
-        m = read_measurement(self.work / "measure.measurement.json")
-        out = {}
-        for bits in WIDTHS:
-            damage = {k: sum(r.damage for rows in m.tensors.values() for r in rows
-                             if r.candidate.bits == bits and r.candidate.lqer is None
-                             and r.candidate.clip.k_for(None) == k) for k in WIDE_K}
-            out[bits] = min(damage, key=damage.get)
-        return out
+    def uniform_at(self, bits: int, budget: int) -> dict:
+        """Uniform intB at `budget`: the common clip factor s that fills it (secant steps on log bytes against
+        log s, at most _SECANT more artifacts, the last pruned to fit), or the smallest allowed s when even that
+        fits."""
+        def clip(s: float) -> str:
+            return "sdclip:" + ",".join(f"{role}={round(k * 2.0 ** (bits - RECORD_K_BITS[role]) * s, 4)!r}"
+                                        for role, k in RECORD_K.items())
 
-    def uniform_at(self, bits: int, budget: int, best_k: float) -> dict:
-        """Uniform intB at `budget`: the k that fills it (secant steps on log bytes against log k, at most
-        _SECANT artifacts, the last pruned to fit), or the width's best k when that already fits."""
-        def size(k: float) -> int:
-            return self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib))[0][
-                "total_bytes"]
+        def size(s: float) -> int:
+            return self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib))[0]["total_bytes"]
 
-        sizes = {best_k: size(best_k)}
-        k = best_k
-        if sizes[best_k] > budget:  # a coarser step is needed: bytes fall as k grows
-            sizes[2 * best_k] = size(2 * best_k)
+        least = MIN_CLIP / (RECORD_K["mlp"] * 2.0 ** (bits - RECORD_K_BITS["mlp"]))
+        sizes = {least: size(least)}
+        s = least
+        if sizes[least] > budget:  # a coarser step is needed: bytes fall as s grows
+            sizes[2 * least] = size(2 * least)
             for _ in range(_SECANT):
-                (k0, s0), (k1, s1) = sorted(sizes.items(), key=lambda ks: abs(math.log(ks[1] / budget)))[:2]
-                slope = math.log(s1 / s0) / math.log(k1 / k0) if s1 != s0 else -1.0
-                k = round(k0 * math.exp(math.log(0.997 * budget / s0) / slope), 4)
-                sizes[k] = size(k)
-                if 0.99 * budget <= sizes[k] <= budget:
+                (s0, b0), (s1, b1) = sorted(sizes.items(), key=lambda sb: abs(math.log(sb[1] / budget)))[:2]
+                slope = math.log(b1 / b0) / math.log(s1 / s0) if b1 != b0 else -1.0
+                s = max(least, s0 * math.exp(math.log(0.997 * budget / b0) / slope))
+                sizes[s] = size(s)
+                if 0.99 * budget <= sizes[s] <= budget:
                     break
-        s, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=f"sdclip:{k!r}", calib=self.calib,
-                                               budget=budget, prune_to_budget=True))
-        return self.point(f"uniform int{bits}", s, out, k=k, pruned_codes=s["pruned_codes"])
+        summary, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib,
+                                                     budget=budget, prune_to_budget=True))
+        return self.point(f"uniform int{bits}", summary, out, clip=clip(s), pruned_codes=summary["pruned_codes"])
 
 
 def run(label: str, path: Path, args) -> dict:
@@ -136,8 +131,7 @@ def run(label: str, path: Path, args) -> dict:
         rows = []
         for budget in sorted(budgets):
             row = {"budget": budget, "budget_run": b.budget(budget)}
-            best = b.best_k()
-            row["uniform"] = [b.uniform_at(bits, budget, best[bits]) for bits in WIDTHS]
+            row["uniform"] = [b.uniform_at(bits, budget) for bits in WIDTHS]
             if budget == records["total_bytes"]:
                 row["records"] = records
             rows.append(row)

@@ -3,14 +3,15 @@
 For every free matrix x candidate of golfquant.measure's grid (the codes GPTQ produces), on the two checkpoints of
 benchmarks/checkpoints.py:
 * truth: KL(float || the model with only that tensor quantized) on validation tokens (the first --val-seqs x
-  (seq_len + 1) of the bundled val split), which neither calibration nor any signal sees;
+  (seq_len + 1) of the bundled val split), which neither calibration nor any signal sees; beside it the
+  increase of the validation loss itself (`delta loss`, noisier: a small change can lower it by chance);
 * signals, each with the seconds it costs:
   - `hessian proxy`: tr(E H Eᵀ) of RTN codes (h̄·‖E‖² without a Hessian), the allocation's signal before issue 11;
   - `gptq error`: tr(E H Eᵀ) of the GPTQ codes;
   - `fisher`: golfquant.sensitivity, what `--budget` uses (one backward pass over 4,096 held-out tokens);
   - `kl probe`: the KL itself on 1,024 held-out self-generated tokens (a forward pass per candidate).
 It reports the Spearman rank correlation of each signal with the truth (over all pairs; across tensors at one
-candidate, averaged; within one tensor, averaged), the per-tensor spread of truth/signal, and what each signal
+candidate, averaged; within one tensor, averaged) and with the delta loss, the spread of truth/signal, and what each signal
 decides: the allocation (golfquant.quant.allocate) it makes at budgets from uniform int4's to uniform int8's table
 bytes, scored by the truth summed over the chosen candidates, against the allocation made with the truth itself.
 
@@ -38,7 +39,7 @@ from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, he
 from golfquant.plan import PlanOptions, make_plan
 from golfquant.quant.allocate import allocate
 from golfquant.quant.clip import hessian_weighted_error, round_codes, row_scales
-from golfquant.sensitivity import measure_sensitivity, plan_kl, reference_logprobs
+from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
 OUT = Path(__file__).with_suffix(".json")
 SIGNALS = ("hessian proxy", "gptq error", "fisher", "kl probe")
@@ -106,15 +107,15 @@ def run(label: str, path: Path, args) -> dict:
             t3 = time.perf_counter()
             fisher = sens.damage(name, w, w_hat)
             t4 = time.perf_counter()
-            kl_probe = plan_kl(model, {name: w_hat}, probe, probe_ref)
+            kl_probe = plan_divergence(model, {name: w_hat}, probe, probe_ref).kl
             t5 = time.perf_counter()
-            truth = plan_kl(model, {name: w_hat}, val, val_ref)
+            truth, delta_loss = plan_divergence(model, {name: w_hat}, val, val_ref)
             t6 = time.perf_counter()
             for key, dt in (("quantize", t1 - t0), ("hessian proxy", t2 - t1), ("gptq error", t3 - t2),
                             ("fisher", t4 - t3), ("kl probe", t5 - t4), ("truth", t6 - t5)):
                 seconds[key] += dt
             rows.append({"name": name, "candidate": cand.key, "bits": cand.bits, "bytes": entropy_bytes(value),
-                         "truth": truth, "hessian proxy": proxy, "gptq error": gptq, "fisher": fisher,
+                         "truth": truth, "delta loss": delta_loss, "hessian proxy": proxy, "gptq error": gptq, "fisher": fisher,
                          "kl probe": kl_probe})
         print(f"{label}: {name} done", flush=True)
     seconds["fisher"] += fisher_setup
@@ -135,6 +136,7 @@ def summarize(rows: list[dict]) -> dict:
                   for n in sorted({r["name"] for r in quant})]
         logratio = [math.log(r["truth"] / r[s]) for r in quant if r["truth"] > 0 and r[s] > 0]
         out[s] = {"spearman": spearman([r[s] for r in quant], truth), "across_tensors": float(np.nanmean(across)),
+                  "spearman_delta_loss": spearman([r[s] for r in quant], [r["delta loss"] for r in quant]),
                   "within_tensor": float(np.nanmean(within)), "log_ratio_std": float(np.std(logratio))}
     out["decisions"] = decisions(rows)
     return out
@@ -171,12 +173,12 @@ def main() -> None:
     atomic_write_text(OUT, json.dumps({"signals": SIGNALS, "checkpoints": results}, indent=1) + "\n")
     for label, r in results.items():
         print(f"\n{label} ({r['summary']['pairs']} tensor x candidate pairs; seconds per signal {r['seconds']})")
-        print("| signal | Spearman | across tensors | within a tensor | std log(truth/signal) |")
-        print("|---|---|---|---|---|")
+        print("| signal | Spearman | across tensors | within a tensor | std log(truth/signal) | Spearman, delta loss |")
+        print("|---|---|---|---|---|---|")
         for s in SIGNALS:
             x = r["summary"][s]
             print(f"| {s} | {x['spearman']:.3f} | {x['across_tensors']:.3f} | {x['within_tensor']:.3f} | "
-                  f"{x['log_ratio_std']:.2f} |")
+                  f"{x['log_ratio_std']:.2f} | {x['spearman_delta_loss']:.3f} |")
         print("| budget bytes | " + " | ".join(("truth",) + SIGNALS) + " |")
         for d in r["summary"]["decisions"]:
             print(f"| {d['budget_bytes']:,} | " + " | ".join(

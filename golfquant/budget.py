@@ -52,7 +52,7 @@ from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
 from golfquant.quant.clip import ClipSpec
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
-from golfquant.sensitivity import measure_sensitivity, plan_kl, reference_logprobs
+from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
 BUDGET_TOLERANCE = 0.005  # the artifact lands in [(1 - this)·B, B] when the candidates' steps allow it
 UNIFORM_WIDTHS = (5, 6, 7, 8)
@@ -257,7 +257,7 @@ class _Run:
         held = self.calibration.heldout
         if self._reference is None:
             self._reference = reference_logprobs(self.model, held)
-        return plan_kl(self.model, weights, held, self._reference)
+        return plan_divergence(self.model, weights, held, self._reference).kl
 
     # ---------------------------------------------------------------------------------------------- values
 

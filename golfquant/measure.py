@@ -15,7 +15,7 @@ Bytes: the order-0 entropy of the codes, the fp16 row scales, and the LQER facto
 bytes per element. The coder lands within a few % of the entropy; the budget search prices what it picks with
 the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the quantizer
 actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a forward pass
-per candidate (`plan_kl`).
+per candidate (`plan_divergence`).
 """
 from __future__ import annotations
 

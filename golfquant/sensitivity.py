@@ -24,11 +24,13 @@ layer's output matters downstream (the measured KL per unit of tr(E H Eᵀ) span
 tensors), nor the embedding's input role.
 
 A tensor with none of these signals (a parameter read by neither an nn.Linear nor an nn.Embedding, e.g. a
-parameter bank) has no estimate (`damage` returns None); callers measure it with forward passes (`plan_kl`).
+parameter bank) has no estimate (`damage` returns None); callers measure it with forward passes
+(`plan_divergence`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,9 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     head_h, head_p, head_c = [], [], []
     cap = _softcap(model)
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # a frozen model still needs its gradients
+    for p in frozen:
+        p.requires_grad_(True)
     model.eval()
     try:
         with torch.enable_grad():
@@ -155,6 +160,8 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
             h.remove()
         for p in model.parameters():
             p.grad = None
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     count = n_seq * (tokens.shape[1] - 1)
     head = {}
@@ -173,30 +180,40 @@ def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, tokens: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
-    """The float model's next-token log-probabilities on tokens [N, L], per batch of sequences (kept for plan_kl)."""
+    """The float model's next-token log-probabilities on tokens [N, L], per batch of sequences (for
+    plan_divergence)."""
     device = next(model.parameters()).device
     return [F.log_softmax(model_logits(model, tokens[s:s + batch, :-1].to(device)).float(), dim=-1)
             for s in range(0, tokens.shape[0], batch)]
 
 
+class Divergence(NamedTuple):
+    kl: float  # KL(float || changed model), nats per token
+    delta_loss: float  # the change of the cross-entropy of the tokens' own next tokens, nats per token
+
+
 @torch.no_grad()
-def plan_kl(model: nn.Module, weights: dict[str, torch.Tensor], tokens: torch.Tensor,
-            reference: list[torch.Tensor], batch: int = 8) -> float:
-    """Measured KL(float || model with `weights` swapped in), nats per token, on the held-out tokens the
+def plan_divergence(model: nn.Module, weights: dict[str, torch.Tensor], tokens: torch.Tensor,
+                    reference: list[torch.Tensor], batch: int = 8) -> Divergence:
+    """How far the model with `weights` swapped in moves from the float model on the held-out tokens the
     reference log-probabilities were computed on. The model's own weights are restored afterwards."""
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in weights}
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    kl = dloss = 0.0
+    count = 0
     try:
         for name, w in weights.items():
             params[name].copy_(w.to(params[name].dtype))
         for i, start in enumerate(range(0, tokens.shape[0], batch)):
-            lq = F.log_softmax(model_logits(model, tokens[start:start + batch, :-1].to(device)).float(), dim=-1)
+            seq = tokens[start:start + batch].to(device)
+            lq = F.log_softmax(model_logits(model, seq[:, :-1]).float(), dim=-1)
             lp = reference[i]
-            total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            kl += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            target = seq[:, 1:, None]
+            dloss += float((lp.gather(-1, target) - lq.gather(-1, target)).sum(dtype=torch.float64))
             count += lp.shape[0] * lp.shape[1]
     finally:
         for name, w in saved.items():
             params[name].copy_(w)
-    return total / count
+    return Divergence(kl / count, dloss / count)

@@ -15,7 +15,7 @@ from golfquant.factory import load_model_factory
 from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, hessian_of
 from golfquant.quant.clip import ClipSpec
 from golfquant.quant.quantize import Quantizer
-from golfquant.sensitivity import _head_damage, measure_sensitivity, plan_kl, reference_logprobs
+from golfquant.sensitivity import _head_damage, measure_sensitivity, plan_divergence, reference_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_predicted_damage_ranks_the_measured_kl(bundled):
             w_hat = quantize(w, bits, ClipSpec("sdclip", k=(("default", 8.0),)), None,
                              hessian_of(cal.hessians, name))[0].dequantize()
             predicted.append(sens.damage(name, w, w_hat))
-            measured.append(plan_kl(model, {name: w_hat}, other, reference))
+            measured.append(plan_divergence(model, {name: w_hat}, other, reference).kl)
     p, m = np.array(predicted), np.array(measured)
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
     assert np.corrcoef(rank(p), rank(m))[0, 1] > 0.9
