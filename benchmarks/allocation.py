@@ -35,7 +35,8 @@ from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
 from golfquant.quant.clip import RECORD_K, RECORD_K_BITS
-from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, load_quantized_weights, prepare_eval
+from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate
+from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
 
 OUT = Path(__file__).with_suffix(".json")

@@ -5,7 +5,8 @@
 from golfquant.api import quantize_checkpoint
 from golfquant.artifact import load_artifact, read_artifact, write_artifact
 from golfquant.errors import GolfquantError
-from golfquant.pipeline import QuantizeOptions, roundtrip_eval
+from golfquant.pipeline import QuantizeOptions
+from golfquant.roundtrip import roundtrip_eval
 
 __all__ = ["GolfquantError", "QuantizeOptions", "load_artifact", "quantize_checkpoint", "read_artifact",
            "roundtrip_eval", "write_artifact"]

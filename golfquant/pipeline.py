@@ -1,8 +1,6 @@
-"""The two directions of the pipeline, as library calls the CLI stays thin over.
+"""Quantize with a plan: checkpoint -> plan -> [calibration tokens -> Hessians] -> QuantizedTensors.
 
-quantize:  checkpoint -> plan -> [calibration tokens -> Hessians] -> QuantizedTensors (golfquant.api writes the
-           artifact; golfquant.budget fits a byte budget)
-roundtrip: artifact -> dequantized state_dict -> model -> val_bpb, beside the float checkpoint's val_bpb
+golfquant.api writes the artifact; golfquant.budget fits a byte budget; golfquant.roundtrip evaluates artifacts.
 """
 from __future__ import annotations
 
@@ -13,13 +11,10 @@ from typing import Callable
 
 import torch
 
-from golfquant.artifact import PackedTensor, load_artifact, read_artifact
 from golfquant.calib import (CalibConfig, Hessian, calibration_hessians, calibration_tokens,
-                             capture_hessians_sequential, heldout_tokens, vocab_size)
-from golfquant.checkpoint import Checkpoint, load_checkpoint
-from golfquant.data import ByteLUTs, build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
+                             capture_hessians_sequential, heldout_tokens)
+from golfquant.checkpoint import Checkpoint
 from golfquant.errors import OptionError
-from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.factory import build_model
 from golfquant.plan import PlanOptions, TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
@@ -243,105 +238,3 @@ def _apply_lqer(out: dict, sd: dict, hessians: dict[str, Hessian], lq: LqerOptio
         out[name] = apply_lqer(out[name], sd[name], lq.rank, lq.a_bits, lq.b_bits, lq.group,
                                hessian_of(hessians, name))
     return dataclasses.asdict(lq) | {"tensors": targets}
-
-
-@dataclass
-class RoundtripOptions:
-    val_pattern: str
-    tokenizer: str
-    max_tokens: int | None = 65536
-    seq_len: int | None = None  # None: the model's training sequence length
-    stride: int | None = None
-    batch_seqs: int = 16
-    num_heads: int | None = None
-    model_spec: str | None = None
-    model_args: dict | None = None
-    packed: bool = False  # run quantized Linears from packed codes (kernels.QuantLinear)
-
-
-@dataclass
-class EvalSetup:
-    """The float model and what its val_bpb needs, loaded once and checked against each other."""
-
-    model: torch.nn.Module
-    tokens: torch.Tensor
-    luts: ByteLUTs
-    seq_len: int
-
-
-def prepare_eval(ckpt: Checkpoint, val_pattern: str, tokenizer, max_tokens: int | None, seq_len: int | None = None,
-                 model_spec: str | None = None, num_heads: int | None = None,
-                 model_args: dict | None = None) -> EvalSetup:
-    """The first max_tokens + 1 validation tokens (all when None), the tokenizer's byte tables, the float model."""
-    model = build_model(ckpt.state_dict, ckpt.config, model_spec, num_heads, model_args).eval()
-    vocab = vocab_size(model)
-    luts = build_byte_luts(tokenizer, vocab)
-    check_tokenizer_fits(luts, vocab)
-    tokens = load_tokens(val_pattern, None if max_tokens is None else max_tokens + 1)
-    check_tokens_fit(tokens, min(vocab, luts.tokenizer_vocab))
-    seq_len = seq_len or int(getattr(getattr(model, "config", None), "seq_len", 1024))
-    return EvalSetup(model, tokens, luts, seq_len)
-
-
-def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: Progress | None = None) -> dict:
-    """val_loss / val_bpb of the float checkpoint and of the artifact's dequantized weights, on the same tokens."""
-    ev = prepare_eval(load_checkpoint(ckpt_path), opts.val_pattern, opts.tokenizer, opts.max_tokens, opts.seq_len,
-                      opts.model_spec, opts.num_heads, opts.model_args)
-    model, seq_len = ev.model, ev.seq_len
-
-    def run(name: str) -> EvalResult:
-        return eval_val_bpb(model, ev.tokens, ev.luts, seq_len, batch_seqs=opts.batch_seqs, stride=opts.stride,
-                            progress=stage(progress, name))
-
-    float_res = run("float")
-    load_quantized_weights(model, artifact_path, opts.packed)
-    quant_res = run("quantized")
-    return {
-        "float": {"val_loss": float_res.val_loss, "val_bpb": float_res.val_bpb},
-        "quantized": {"val_loss": quant_res.val_loss, "val_bpb": quant_res.val_bpb},
-        "gap_bpb": quant_res.val_bpb - float_res.val_bpb,
-        "tokens": float_res.tokens,
-        "bytes": float_res.bytes,
-        "seq_len": seq_len,
-        "stride": opts.stride,
-        "packed": opts.packed,
-    }
-
-
-def load_quantized_weights(model: torch.nn.Module, artifact_path, packed: bool = False) -> None:
-    """Load the artifact's dequantized state_dict into the model; a shape mismatch names the tensor.
-
-    packed=True keeps every quantized Linear weight packed: the Linear becomes a kernels.QuantLinear that
-    dequantizes inside its matmul, so no float copy of those weights is made.
-    """
-    sd = load_artifact(artifact_path)
-    own = model.state_dict()
-    _check_same_tensors(own, sd, artifact_path)
-    if packed:
-        swapped = _swap_packed_linears(model, artifact_path)
-        sd = {k: v for k, v in sd.items() if k not in swapped}
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=not packed)
-
-
-def _swap_packed_linears(model: torch.nn.Module, artifact_path) -> set[str]:
-    from kernels import swap_linears
-
-    modules = dict(model.named_modules())
-    weights = {}
-    for name, value in read_artifact(artifact_path, packed=True).tensors.items():
-        owner = modules.get(name.rsplit(".", 1)[0])
-        if isinstance(value, PackedTensor) and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
-            lqer = None if value.lqer is None else (value.lqer.a(), value.lqer.b())
-            weights[name] = (value.packed, value.bits, value.layout, value.shape, value.scales, lqer)
-    swap_linears(model, weights)
-    return set(weights)
-
-
-def _check_same_tensors(own: dict, sd: dict, artifact_path) -> None:
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
-        raise OptionError(f"artifact {artifact_path} does not match the model: {detail}")

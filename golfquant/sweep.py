@@ -34,7 +34,8 @@ from golfquant.codepack import code_size
 from golfquant.errors import GolfquantError, OptionError
 from golfquant.evaluate import eval_val_bpb
 from golfquant.api import quantize_checkpoint
-from golfquant.pipeline import Calibration, QuantizeOptions, calibrate, load_quantized_weights, prepare_eval
+from golfquant.pipeline import Calibration, QuantizeOptions, calibrate
+from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import FLOAT_SCHEMES, PlanOptions, make_plan
 from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.clip import RECORD_K, RECORD_K_BITS, entropy_bits, parse_clip, round_codes, row_scales

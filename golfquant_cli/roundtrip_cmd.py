@@ -7,7 +7,7 @@ import click
 
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.factory import parse_model_args
-from golfquant.pipeline import RoundtripOptions, roundtrip_eval
+from golfquant.roundtrip import RoundtripOptions, roundtrip_eval
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
 from golfquant_cli.options import json_option, model_options
