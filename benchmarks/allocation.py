@@ -5,9 +5,9 @@ artifact:
 * budgets: five, evenly spaced from the bytes of uniform GPTQ int4 to those of uniform GPTQ int8 (every matrix,
   the default amax clip), and the bytes of the records' recipe;
 * `--budget B` (golfquant.budget; one measurement, cached, for all budgets);
-* uniform GPTQ int5, int6, int7, int8 at B: every matrix at that width, with the records' per-role SDClip k
-  (MLP 12, attention 13, embedding 15 at its int7; golfquant.quant.clip.RECORD_K) scaled to the width and by one
-  common factor s, the s that fills B (secant steps, the last ±1 codes pruned); s is kept large enough that the
+* uniform GPTQ int5, int6, int7, int8 at B: every matrix at that width, with the records' per-role SDClip k at
+  that width (golfquant.quant.clip.record_k: MLP 12, attention 13 at int6, embedding 15 at int7 and 20 at int8)
+  times one common factor s, the s that fills B (secant steps, the last ±1 codes pruned); s is kept large enough that the
   MLP clip is >= 4 sigma, the tightest clip any measured allocation chose, and the bytes that leaves are unused;
 * the records' recipe: GPTQ int6 SDClip k=12.85 on the matrices, int8 k=20 on the tied embedding, at its own bytes.
 Every artifact's val_bpb is measured on the first --eval-tokens of the bundled validation split (never used by
@@ -34,8 +34,9 @@ from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
-from golfquant.quant.clip import RECORD_K, RECORD_K_BITS
-from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate
+from golfquant.quant.clip import RECORD_K, record_k
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import build_float_model, calibrate
 from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
 
@@ -98,13 +99,12 @@ class Bench:
         log s, at most _SECANT more artifacts, the last pruned to fit), or the smallest allowed s when even that
         fits."""
         def clip(s: float) -> str:
-            return "sdclip:" + ",".join(f"{role}={round(k * 2.0 ** (bits - RECORD_K_BITS[role]) * s, 4)!r}"
-                                        for role, k in RECORD_K.items())
+            return "sdclip:" + ",".join(f"{role}={round(record_k(role, bits) * s, 4)!r}" for role in RECORD_K)
 
         def size(s: float) -> int:
             return self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib))[0]["total_bytes"]
 
-        least = MIN_CLIP / (RECORD_K["mlp"] * 2.0 ** (bits - RECORD_K_BITS["mlp"]))
+        least = MIN_CLIP / record_k("mlp", bits)
         sizes = {least: size(least)}
         s = least
         if sizes[least] > budget:  # a coarser step is needed: bytes fall as s grows

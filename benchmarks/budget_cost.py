@@ -41,7 +41,7 @@ def child(shape_json: str, budget_fraction: float, calib_seqs: int, work: str) -
     from golfquant.calib import CalibConfig
     from golfquant.checkpoint import load_checkpoint, save_checkpoint
     from golfquant.model import GPTConfig
-    from golfquant.pipeline import QuantizeOptions
+    from golfquant.options import QuantizeOptions
 
     torch.set_num_threads(1)
     shape = json.loads(shape_json)

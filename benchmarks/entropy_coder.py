@@ -10,7 +10,7 @@ when golfquant/assets/model.pt exists, its matrices (numel > 65,536) at per-row 
 Columns: our bytes; brotli-11 (lgwin 24) on the int8 codes row-major and transposed; lzma-9; the order-0,
 per-row and per-column empirical entropy bounds (tables not counted); `own` = our bytes over (ideal code length
 under our chosen model + model bytes), i.e. the coder's own loss; encode / decode speed in M codes per second
-(the JSON adds estimate_encoded_bytes speed and the frozen-model re-pricing speed of SizeModel.estimate).
+(the JSON adds the speed of fitting the size model, which estimate_encoded_bytes runs).
 """
 from __future__ import annotations
 
@@ -88,9 +88,6 @@ def measure(name: str, bits: int, scale: str, q: np.ndarray) -> dict:
     t = time.perf_counter()
     model = fit_size_model(q, bits)
     t_est = time.perf_counter() - t
-    t = time.perf_counter()
-    model.estimate(q)
-    t_price = time.perf_counter() - t
     parts = size_breakdown(q, bits)
     raw = q.tobytes()
     bro = len(brotli.compress(raw, quality=11, lgwin=24))
@@ -104,7 +101,7 @@ def measure(name: str, bits: int, scale: str, q: np.ndarray) -> dict:
         "vs_best_brotli": round(len(blob) / min(bro, bro_t), 4),
         "own": round(len(blob) / (parts.payload_bytes + parts.model_bytes), 4),
         "encode_Mcodes_s": round(q.size / t_enc / 1e6, 2), "decode_Mcodes_s": round(q.size / t_dec / 1e6, 2),
-        "estimate_Mcodes_s": round(q.size / t_est / 1e6, 2), "reprice_Mcodes_s": round(q.size / t_price / 1e6, 1),
+        "estimate_Mcodes_s": round(q.size / t_est / 1e6, 2),
     }
 
 

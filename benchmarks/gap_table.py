@@ -2,7 +2,7 @@
 
 For three plans (int4 MLP / int6 attn / int8 embed, int5 everywhere, int6 everywhere) and each method row
 (RTN amax/sdclip; GPTQ with amax, pct, mse, sdclip, hsdclip, size clips; GPTQ + sdclip + LQER top 3 rank 4),
-the library quantizes the checkpoint (`pipeline.quantize_state_dict`), writes the artifact with the default codec
+the library quantizes the checkpoint (`pipeline.quantize_with_plan`), writes the artifact with the default codec
 choice (`artifact.write_artifact`), loads its dequantized weights (`roundtrip.load_quantized_weights`) and evaluates
 val_bpb on a prefix of the bundled val split (`evaluate.eval_val_bpb`); the float model is evaluated once on the
 same tokens. Calibration (self-generated, 64 sequences of the model's seq_len, seed 0) runs once and every row
@@ -28,7 +28,8 @@ from golfquant.checkpoint import load_checkpoint
 from golfquant.data import build_byte_luts, load_tokens
 from golfquant.evaluate import eval_val_bpb
 from golfquant.factory import build_model
-from golfquant.pipeline import QuantizeOptions, calibrate, quantize_state_dict
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import calibrate, quantize_with_plan
 from golfquant.quant.lqer import LqerOptions
 from golfquant.roundtrip import load_quantized_weights
 from golfquant.plan import PlanOptions
@@ -83,7 +84,7 @@ def main() -> None:
                                        calib=CalibConfig(seqs=args.calib_seqs), lqer=LqerOptions(top=top, rank=4))
                 path = Path(d) / "a.gq"
                 start = time.perf_counter()
-                result = quantize_state_dict(ckpt, opts, calibration=calibration)
+                result = quantize_with_plan(ckpt, opts, calibration=calibration)
                 quant_s = time.perf_counter() - start
                 size = write_artifact(path, result.tensors, result.plan, result.meta).total_bytes
                 qmodel = build_model(ckpt.state_dict, ckpt.config).eval()

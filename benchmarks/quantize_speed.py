@@ -3,7 +3,7 @@
 Model: a randomly initialized baseline GPT (9 x 512, vocab 1024, seq_len 1024) whose matrices are drawn
 N(0, 1/fan_in) like trained weights. For each thread count (default 2, then 1) this runs
 the library's quantize path stage by stage: `pipeline.calibrate` (self-generated tokens with the Hessians collected
-during KV-cache generation), `pipeline.quantize_state_dict` (GPTQ of every matrix), `artifact.write_artifact`.
+during KV-cache generation), `pipeline.quantize_with_plan` (GPTQ of every matrix), `artifact.write_artifact`.
 A short check first confirms that the one-pass calibration gives the same tokens as plain generation and the
 Hessians of a separate capture pass.
 Nothing is extrapolated. Other processes on the machine slow every number; the load average and the process's
@@ -30,7 +30,8 @@ from golfquant.calib import CalibConfig, calibration_hessians, capture_hessians,
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.factory import build_model
 from golfquant.model import GPT, GPTConfig
-from golfquant.pipeline import QuantizeOptions, calibrate, quantize_state_dict
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import calibrate, quantize_with_plan
 from golfquant.plan import PlanOptions
 
 
@@ -53,7 +54,7 @@ def bench_threads(threads: int, ckpt: Path, tmp: Path, args: argparse.Namespace)
     t0, cpu0 = time.perf_counter(), time.process_time()
     calibration = calibrate(ck, opts)
     t1 = time.perf_counter()
-    result = quantize_state_dict(ck, opts, calibration=calibration)
+    result = quantize_with_plan(ck, opts, calibration=calibration)
     t2 = time.perf_counter()
     info = write_artifact(tmp / f"t{threads}.gq", result.tensors, result.plan, result.meta)
     t3, cpu = time.perf_counter(), time.process_time() - cpu0

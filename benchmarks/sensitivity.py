@@ -35,7 +35,8 @@ from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_val_pattern, load_tokens
 from golfquant.measure import candidate_grid, dequantized, entropy_bytes, stored
-from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, hessian_of
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import build_float_model, calibrate, hessian_of
 from golfquant.plan import PlanOptions, make_plan
 from golfquant.quant.allocate import allocate
 from golfquant.quant.clip import hessian_weighted_error, round_codes, row_scales

@@ -20,12 +20,13 @@ import torch
 
 from golfquant.atomic import atomic_write_bytes
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compress, compress_best, decompress
-from golfquant.codec.sizemodel import RANS, byte_entropy, estimate_codes_section, estimate_stream_bytes
+from golfquant.codec.sizemodel import RANS, estimate_codes_section, estimate_stream_bytes, order0_bytes
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
 from golfquant.plan import (DTYPES, cast_to_scheme, scheme_of_dtype, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
                             scheme_bits)
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, qmax
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, lqer_b_scale_count, qmax
+from kernels import PackedWeight
 
 MAGIC = b"GQA1"
 VERSION = 1
@@ -114,7 +115,7 @@ class EncodedArtifact:
 @dataclass
 class Artifact:
     manifest: dict
-    tensors: dict[str, QuantizedTensor | torch.Tensor]  # float tensors in their stored dtype
+    tensors: dict[str, QuantizedTensor | PackedWeight | torch.Tensor]  # float tensors in their stored dtype
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -139,8 +140,13 @@ def _unshuffle(data: bytes, stride: int) -> bytes:
     return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
 
 
+def _shuffle_stride(layout: str) -> int:
+    """K of a `shuffleK` byte layout."""
+    return int(layout.removeprefix("shuffle"))
+
+
 def _apply_byte_layout(data: bytes, layout: str) -> bytes:
-    return data if layout == "bytes" else _shuffle(data, int(layout[7:]))
+    return data if layout == "bytes" else _shuffle(data, _shuffle_stride(layout))
 
 
 def _smallest(candidates: list[_Section]) -> _Section:
@@ -199,7 +205,7 @@ def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: 
     streams = {layout: _apply_byte_layout(raw, layout) for layout in layouts}
     pairs = [(layout, c) for layout in layouts for c in byte_codecs]
     if not exhaustive and len(raw) > _EXHAUSTIVE_BELOW:
-        entropy = {layout: byte_entropy(data) for layout, data in streams.items()}
+        entropy = {layout: order0_bytes(data) for layout, data in streams.items()}
         ranked = sorted(range(len(pairs)), key=lambda i: (
             estimate_stream_bytes(streams[pairs[i][0]], pairs[i][1], entropy[pairs[i][0]]), i))
         pairs = [pairs[i] for i in sorted(ranked[:_FAST_TRIES])]
@@ -237,7 +243,7 @@ def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
     ok = (len(shape) >= 2 and tuple(lqer.a_codes.shape) == (shape[-2], rank)
           and tuple(lqer.b_codes.shape) == (rank, cols)
           and lqer.group >= 1 and tuple(lqer.a_scale.shape) == ()
-          and tuple(lqer.b_scales.shape) == (math.ceil(rank * cols / lqer.group),)
+          and tuple(lqer.b_scales.shape) == (lqer_b_scale_count(rank, cols, lqer.group),)
           and lqer.a_scale.dtype == torch.float16 and lqer.b_scales.dtype == torch.float16)
     if not ok:
         raise ValueError(f"LQER factors of '{name}' do not fit its shape {shape} (see LowRankFactors)")
@@ -459,7 +465,7 @@ def _validate_section(s: Any, where: str, offset: int) -> int:
         layout = _get_choice(s, "layout", where, LAYOUTS if kind == "codes" else BYTE_LAYOUTS)
         if kind == "scales" and layout not in ("bytes", "shuffle2"):
             raise _bad(f"{where}.layout", f"'{layout}' does not fit fp16 scales")
-        if layout.startswith("shuffle") and raw_length % int(layout[7:]):
+        if layout.startswith("shuffle") and raw_length % _shuffle_stride(layout):
             raise _bad(f"{where}.raw_length", f"{raw_length} is not a multiple of the {layout} stride")
     return offset + _get_int(s, "length", where)
 
@@ -510,8 +516,8 @@ def _validate_lqer(lq: Any, sections: list, shape: tuple[int, ...], where: str) 
         bits = _get_int(lq, f"{side}_bits", where, MIN_BITS, MAX_BITS)
         _check_codes_ref(sections, lq[f"{side}_codes"], fshape, bits, f"{where}.{side}_codes")
     _check_span(sections, _get(lq, "a_scale", where, dict), _SCALE_BYTES, "scales", f"{where}.a_scale")
-    n_b_scales = math.ceil(rank * shape[-1] / group)
-    _check_span(sections, _get(lq, "b_scales", where, dict), _SCALE_BYTES * n_b_scales, "scales", f"{where}.b_scales")
+    _check_span(sections, _get(lq, "b_scales", where, dict), _SCALE_BYTES * lqer_b_scale_count(rank, shape[-1], group),
+                "scales", f"{where}.b_scales")
     return math.prod(a_shape) + math.prod(b_shape)
 
 
@@ -582,7 +588,7 @@ def _section_payload(region: memoryview, s: dict, where: str) -> bytes:
         raise ArtifactError(f"{where}: decodes to {len(raw)} bytes, manifest says {s['raw_length']}")
     if s["kind"] == "codes" or s["layout"] == "bytes":
         return raw
-    return _unshuffle(raw, int(s["layout"][7:]))
+    return _unshuffle(raw, _shuffle_stride(s["layout"]))
 
 
 def _decode_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str) -> torch.Tensor:
@@ -610,28 +616,11 @@ def _frombuffer(raw: bytes, offset: int, shape: tuple[int, ...], dtype_str: str,
     return torch.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
-@dataclass
-class PackedTensor:
-    """A quantized tensor as stored: codes still in their bit layout, for the dequant kernels."""
-
-    packed: torch.Tensor  # uint8
-    bits: int
-    layout: str
-    shape: tuple[int, ...]
-    scales: torch.Tensor  # fp16 [shape[:-1]]
-    lqer: LowRankFactors | None
-
-    def dequantize(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
-        from kernels import dequantize_packed
-
-        lqer = None if self.lqer is None else (self.lqer.a().to(device), self.lqer.b().to(device))
-        return dequantize_packed(self.packed.to(device), self.bits, self.layout, self.shape,
-                                 self.scales.to(device), lqer, dtype)
 
 
 def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
     """Validate and decode every section; quantized tensors come back as QuantizedTensor (or, with packed=True, as
-    PackedTensor with the codes left in their bit layout), floats as stored."""
+    kernels.PackedWeight with the codes left in their bit layout and LQER as fp32 (A, B)), floats as stored."""
     manifest, region, _, _, _ = _read_container(path)
     sections = manifest["sections"]
     payloads: dict[int, bytes] = {}
@@ -644,7 +633,7 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
     def scales(ref: dict, shape: tuple[int, ...], where: str) -> torch.Tensor:
         return _frombuffer(payload(ref["section"]), ref["offset"], shape, "float16", where)
 
-    tensors: dict[str, QuantizedTensor | PackedTensor | torch.Tensor] = {}
+    tensors: dict[str, QuantizedTensor | PackedWeight | torch.Tensor] = {}
     for t in manifest["tensors"]:
         where = f"artifact {path}: tensor '{t['name']}'"
         shape = tuple(t["shape"])
@@ -660,13 +649,14 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
                 a_codes=_decode_codes(region, sections[lq["a_codes"]], a_shape, lq["a_bits"], where),
                 a_scale=scales(lq["a_scale"], (), where), a_bits=lq["a_bits"],
                 b_codes=_decode_codes(region, sections[lq["b_codes"]], b_shape, lq["b_bits"], where),
-                b_scales=scales(lq["b_scales"], (math.ceil(lq["rank"] * shape[-1] / lq["group"]),), where),
+                b_scales=scales(lq["b_scales"], (lqer_b_scale_count(lq["rank"], shape[-1], lq["group"]),), where),
                 b_bits=lq["b_bits"], group=lq["group"])
         row_scales = scales(t["scales"], shape[:-1], where)
         s = sections[t["codes"]]
         if packed:
             data, layout = _packed_codes(region, s, shape, t["bits"], where)
-            tensors[t["name"]] = PackedTensor(data, t["bits"], layout, shape, row_scales, lqer)
+            factors = None if lqer is None else (lqer.a(), lqer.b())
+            tensors[t["name"]] = PackedWeight(data, t["bits"], layout, shape, row_scales, factors)
         else:
             codes = _decode_codes(region, s, shape, t["bits"], where)
             tensors[t["name"]] = QuantizedTensor(codes, row_scales, t["bits"], lqer)
@@ -707,8 +697,8 @@ def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str 
     for t in art.manifest["tensors"]:
         value = art.tensors[t["name"]]
         target = dtype or DTYPES[t["dtype"]]
-        if isinstance(value, PackedTensor):
-            out[t["name"]] = value.dequantize(target, device)
+        if isinstance(value, PackedWeight):
+            out[t["name"]] = value.to(device).dequantize(target)
         elif isinstance(value, QuantizedTensor):
             value = _to_device(value, device)
             out[t["name"]] = value.dequantize(target) if dequantize else value
@@ -751,7 +741,7 @@ def _size_report(path: Path | None, m: dict, header_bytes: int, manifest_bytes: 
         parts[t["scales"]["section"]].append((i, "scales_bytes", _SCALE_BYTES * math.prod(t["shape"][:-1])))
         lq = t["lqer"]
         if lq is not None:
-            n_b = math.ceil(lq["rank"] * t["shape"][-1] / lq["group"])
+            n_b = lqer_b_scale_count(lq["rank"], t["shape"][-1], lq["group"])
             parts[lq["a_codes"]].append((i, "lqer_bytes", 1))
             parts[lq["b_codes"]].append((i, "lqer_bytes", 1))
             parts[lq["a_scale"]["section"]].append((i, "lqer_bytes", _SCALE_BYTES))

@@ -31,7 +31,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -42,15 +41,15 @@ from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.errors import OptionError
 from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
                              save_measurement, state_dict_digest)
-from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, candidate_grid, dequantized, measure,
-                               record_candidate, sdclip, stored_bytes)
-from golfquant.pipeline import (Calibration, Progress, QuantizeOptions, QuantizeResult, TensorReport,
-                                build_float_model, calibrate, gptq_meta, hessian_of, quantize_tensor, stage)
+from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, MeasurementInfo, candidate_grid,
+                               dequantized, measure, record_candidate, sdclip, stored_bytes)
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, build_float_model, calibrate,
+                                clip_k_meta, gptq_meta, hessian_of, quantize_tensor, stage)
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.calib import heldout_tokens
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
-from golfquant.quant.clip import ClipSpec
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
@@ -85,26 +84,19 @@ class Allocation:
 
 
 @dataclass
-class BudgetResult:
-    result: QuantizeResult
-    encoded: EncodedArtifact
+class BudgetReport:
+    """What the budget search chose and why: the storage of every matrix, the plans it measured at the budget,
+    how the measurement was made, and where the time went."""
+
     budget: int
     code_bytes: int
     allocation: list[Allocation]
     plans: list[PlanRow]
     chosen: str | None  # None with prune_to_budget
-    measurement: dict  # how the table was made: cached, seconds, candidates, signal
+    measurement: MeasurementInfo | None  # None with prune_to_budget
     pruned_codes: int
-    rounds: int  # encodes
+    encodes: int
     seconds: dict[str, float]  # wall time per stage: calibration, sensitivity, measurement, solve, confirm, encode
-
-    def summary(self) -> dict:
-        total = self.encoded.info.total_bytes + self.code_bytes
-        return {"budget": self.budget, "budget_used": total / self.budget, "pruned_codes": self.pruned_codes,
-                "chosen_plan": self.chosen, "encode_rounds": self.rounds, "measurement": self.measurement,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "plans": [dataclasses.asdict(p) for p in self.plans],
-                "allocation": [dataclasses.asdict(a) for a in self.allocation]}
 
 
 @dataclass
@@ -115,46 +107,36 @@ class _Priced:
 
 def quantize_to_budget(ckpt: Checkpoint, opts: QuantizeOptions, code_bytes: int, extra_meta: dict,
                        cache: Path | None = None, progress: Progress | None = None,
-                       on_tensor: Callable[[TensorReport], None] | None = None,
-                       calibration: Calibration | None = None,
-                       measurement: Measurement | None = None) -> BudgetResult:
+                       calibration: Calibration | None = None, measurement: Measurement | None = None,
+                       model: torch.nn.Module | None = None) -> tuple[Quantized, EncodedArtifact, BudgetReport]:
     """The artifact (in memory) with artifact + code bytes <= opts.budget (module docstring). `cache`: the stem
-    of the cache files (e.g. out/model for out/model.measurement.json); `calibration` / `measurement`: reuse
-    these (a sweep)."""
-    spec = opts.validate()
+    of the cache files (golfquant.cache.cache_paths); `calibration` / `measurement`: reuse these (a sweep);
+    `model`: the float model of ckpt when the caller holds it."""
     room = opts.budget - code_bytes
     if room <= 0:
         raise OptionError(f"budget {opts.budget:,} bytes is used up by the {code_bytes:,} code bytes alone")
-    run = _Run(ckpt, opts, spec, room, extra_meta, progress)
-    if opts.prune_to_budget:
-        with run.timed("calibration"):
-            run.calibration = calibration or run.calibrate(cache, heldout=False)
-        encoded, pruned, rounds = run.fit_fixed()
-        return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), [], None, {},
-                                  pruned, rounds, run.seconds), on_tensor)
+    run = _Run(ckpt, opts, room, extra_meta, progress, model)
     with run.timed("calibration"):
-        run.calibration = calibration or run.calibrate(cache, heldout=True)
-        if run.calibration.heldout is None:
+        run.calibration = calibration or run.calibrate(cache, heldout=not opts.prune_to_budget)
+        if not opts.prune_to_budget and run.calibration.heldout is None:
             run.calibration.heldout = run.heldout()
-    run.measurement = measurement or run.measure(cache)
-    encoded, pruned, rounds = run.fit_allocated()
-    return _emit(BudgetResult(run.result(), encoded, opts.budget, code_bytes, run.allocation(), run.rows,
-                              run.chosen, run.measurement.info, pruned, rounds, run.seconds), on_tensor)
-
-
-def _emit(res: BudgetResult, on_tensor: Callable[[TensorReport], None] | None) -> BudgetResult:
-    if on_tensor:
-        for r in res.result.reports:
-            on_tensor(r)
-    return res
+    if opts.prune_to_budget:
+        encoded = run.fit_fixed()
+    else:
+        run.measurement = measurement or run.measure(cache)
+        encoded = run.fit_allocated()
+    report = BudgetReport(opts.budget, code_bytes, run.allocation(), run.rows, run.chosen,
+                          run.measurement.info if run.measurement else None, run.pruned, run.encodes,
+                          {k: round(v, 2) for k, v in run.seconds.items()})
+    return run.result(), encoded, report
 
 
 class _Run:
     """State of one budgeted quantization: the plan, calibration, measurement, and every value quantized so far."""
 
-    def __init__(self, ckpt: Checkpoint, opts: QuantizeOptions, spec: ClipSpec, room: int, extra_meta: dict,
-                 progress: Progress | None):
-        self.ckpt, self.sd, self.opts, self.spec, self.room = ckpt, ckpt.state_dict, opts, spec, room
+    def __init__(self, ckpt: Checkpoint, opts: QuantizeOptions, room: int, extra_meta: dict,
+                 progress: Progress | None, model: torch.nn.Module | None):
+        self.ckpt, self.sd, self.opts, self.spec, self.room = ckpt, ckpt.state_dict, opts, opts.clip, room
         self.progress, self.extra_meta = progress, extra_meta
         convention = opts.plan.float_max_numel if opts.fixed_float or opts.prune_to_budget else 0
         self.plan = make_plan(self.sd, dataclasses.replace(opts.plan, float_max_numel=convention))
@@ -165,7 +147,7 @@ class _Run:
         self.fixed = [n for n in quantized if n not in self.free]
         self.calibration: Calibration | None = None
         self.measurement: Measurement | None = None
-        self._model: torch.nn.Module | None = None
+        self._model = model
         self._reference: list[torch.Tensor] | None = None
         self.values: dict[tuple[str, str], tuple[QuantizedTensor | torch.Tensor, TensorReport | None]] = {}
         self.exact: dict[tuple[str, str], float] = {}
@@ -175,6 +157,7 @@ class _Run:
         self.rows: list[PlanRow] = []
         self.chosen: str | None = None
         self.pruned = 0
+        self.encodes = 0
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -245,7 +228,7 @@ class _Run:
             return d if d is not None else self.kl({name: w_hat})
 
         roles = {n: self.plan[n].role for n in grids}
-        info = {"signal": "fisher", "heldout_tokens": int(held.numel())}
+        info = MeasurementInfo("fisher", int(held.numel()))
         with self.timed("measurement"):
             m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer,
                         damage, key, info, stage(self.progress, "measure"))
@@ -340,7 +323,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------ the search
 
-    def fit_allocated(self) -> tuple[EncodedArtifact, int, int]:
+    def fit_allocated(self) -> EncodedArtifact:
         # A first encode measures what the size model does not see (manifest, compression of the shared
         # sections); every plan is then solved for the room that leaves.
         choice = self.solve("allocated", self.room - self._overhead_guess())
@@ -349,7 +332,7 @@ class _Run:
             table = {n: [_Priced(self.exact_bytes(n, m.candidate), m.damage) for m in ms]
                      for n, ms in self.measurement.tensors.items()}
             choice = smallest(table)
-        encoded, rounds = self._encode_choice(choice), 1
+        encoded = self._encode_choice(choice)
         overhead = encoded.info.total_bytes - self._free_bytes()
         if least and encoded.info.total_bytes > self.room:
             raise OptionError(f"budget {self.opts.budget:,} bytes cannot be met: the smallest reachable artifact is "
@@ -367,9 +350,9 @@ class _Run:
         self.confirmed = {n: self._cand(n, i) for n, i in choice.items()}
         while True:
             if {n: self._cand(n, i) for n, i in choice.items()} != self.choice:
-                encoded, rounds = self._encode_choice(choice), rounds + 1
+                encoded = self._encode_choice(choice)
             real = encoded.info.total_bytes
-            if (1 - BUDGET_TOLERANCE) * self.room <= real <= self.room or rounds >= _FIT_ROUNDS:
+            if (1 - BUDGET_TOLERANCE) * self.room <= real <= self.room or self.encodes >= _FIT_ROUNDS:
                 break
             refit = self.solve(self.chosen, self.room - (real - self._free_bytes()))
             if refit is None or refit == choice:
@@ -378,7 +361,7 @@ class _Run:
         if encoded.info.total_bytes > self.room:
             encoded = self._prune(encoded)
         self._report_final(encoded)
-        return encoded, self.pruned, rounds
+        return encoded
 
     def _report_final(self, encoded: EncodedArtifact) -> None:
         """The chosen row describes the artifact itself: its real bytes and, when fitting changed the plan (a
@@ -427,12 +410,12 @@ class _Run:
                      for n, tp in self.plan.items() if tp.bits is None)
         return _HEADER_GUESS + _MANIFEST_PER_TENSOR * len(self.plan) + floats + self._fixed_bytes()
 
-    def fit_fixed(self) -> tuple[EncodedArtifact, int, int]:
+    def fit_fixed(self) -> EncodedArtifact:
         """prune_to_budget: the plan as it is, pruned until it fits."""
         encoded = self.encode()
         if encoded.info.total_bytes > self.room:
             encoded = self._prune(encoded)
-        return encoded, self.pruned, 1
+        return encoded
 
     # ------------------------------------------------------------------------------------------- encoding
 
@@ -469,6 +452,7 @@ class _Run:
             meta["plan"] = self.chosen
             meta["allocation"] = {n: c.key for n, c in self.choice.items()}
         gptq_meta(meta, self.reports(), self.opts)
+        clip_k_meta(meta, self.spec, [self.plan[n] for n in self.fixed])
         return meta
 
     def encode(self) -> EncodedArtifact:
@@ -477,13 +461,14 @@ class _Run:
             self.progress("encode", 0, 1)
         with self.timed("encode"):
             encoded = encode_artifact(tensors, plan, self.meta() | self.extra_meta, exhaustive=self.opts.exhaustive)
+        self.encodes += 1
         if self.progress:
             self.progress("encode", 1, 1)
         return encoded
 
-    def result(self) -> QuantizeResult:
+    def result(self) -> Quantized:
         tensors, plan = self.tensors()
-        return QuantizeResult(tensors, plan, self.reports(), self.meta())
+        return Quantized(tensors, plan, self.reports(), self.meta())
 
     def allocation(self) -> list[Allocation]:
         out = []

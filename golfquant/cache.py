@@ -52,7 +52,7 @@ def save_measurement(path: Path, measurement: Measurement) -> None:
 def read_measurement(path: Path) -> Measurement:
     """A saved measurement, whatever it was made for (OSError, ValueError, KeyError or TypeError when unreadable)."""
     m = Measurement.from_json(json.loads(Path(path).read_text()))
-    m.info["cached"] = True
+    m.info.cached = True
     return m
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from golfquant.data import BOS_ID, load_tokens
 from golfquant.errors import DataError, OptionError
 
-Progress = Callable[[int, int], None]
-"""progress(tokens_done, tokens_total), called after every generated column / captured batch."""
+StageProgress = Callable[[int, int], None]
+"""progress(tokens_done, tokens_total) within one stage, called after every generated column / captured batch."""
 
 SOURCES = ("selfgen", "shards")
 FIRST_TOKENS = ("uniform", "bos")
@@ -118,8 +118,13 @@ def vocab_size(model: nn.Module) -> int:
         return model_logits(model, torch.zeros(1, 1, dtype=torch.long, device=_device(model))).shape[-1]
 
 
+def declared_seq_len(model: nn.Module) -> int | None:
+    """The sequence length the model states: model.config.seq_len (ours), else its seq_len or train_seq_len."""
+    return _model_attr(model, "seq_len", "train_seq_len")
+
+
 def resolve_seq_len(model: nn.Module, cfg: CalibConfig) -> int:
-    seq_len = cfg.seq_len or _model_attr(model, "seq_len", "train_seq_len")
+    seq_len = cfg.seq_len or declared_seq_len(model)
     if seq_len is None:
         raise OptionError("the model does not state its sequence length; pass the calibration seq_len explicitly")
     return seq_len
@@ -155,7 +160,7 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, seq_len: int, tempera
     return seq
 
 
-def generate_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | None = None,
+def generate_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress | None = None,
                     use_cache: bool | None = None) -> torch.Tensor:
     """Sample cfg.seqs sequences of seq_len tokens from the float model -> LongTensor [seqs, seq_len] (CPU).
 
@@ -172,7 +177,7 @@ def generate_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | Non
 
 
 def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding: bool = True,
-                           progress: Progress | None = None, accum_dtype: torch.dtype = torch.float32,
+                           progress: StageProgress | None = None, accum_dtype: torch.dtype = torch.float32,
                            flush_rows: int = 4096) -> tuple[torch.Tensor, dict[str, Hessian]]:
     """Self-generated tokens and their Hessians in one pass: (generate_tokens(model, cfg), H).
 
@@ -196,7 +201,7 @@ def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding
     return tokens, collector.finish(tokens.numel())
 
 
-def _generate(model: nn.Module, cfg: CalibConfig, progress: Progress | None, use_cache: bool,
+def _generate(model: nn.Module, cfg: CalibConfig, progress: StageProgress | None, use_cache: bool,
               collector: _GramCollector | None) -> torch.Tensor:
     seq_len = resolve_seq_len(model, cfg)
     device = _device(model)
@@ -243,7 +248,7 @@ def shard_tokens(pattern: str, seqs: int, seq_len: int) -> torch.Tensor:
     return flat[:need].to(torch.long).reshape(seqs, seq_len)
 
 
-def calibration_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | None = None) -> torch.Tensor:
+def calibration_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress | None = None) -> torch.Tensor:
     """Calibration tokens [seqs, seq_len] from cfg.source."""
     if cfg.source == "shards":
         return shard_tokens(cfg.data_glob, cfg.seqs, resolve_seq_len(model, cfg))
@@ -253,7 +258,7 @@ def calibration_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | 
 HOLDOUT_SEED_OFFSET = 0x5EED  # held-out sequences come from their own generator stream
 
 
-def heldout_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | None = None) -> torch.Tensor:
+def heldout_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress | None = None) -> torch.Tensor:
     """ceil(cfg.holdout / seq_len) sequences [n, seq_len] that the calibration tokens do not contain: generated
     from seed + HOLDOUT_SEED_OFFSET, or the shard tokens right after the calibration ones."""
     seq_len = resolve_seq_len(model, cfg)
@@ -265,7 +270,7 @@ def heldout_tokens(model: nn.Module, cfg: CalibConfig, progress: Progress | None
 
 
 def calibration_hessians(model: nn.Module, cfg: CalibConfig, include_embedding: bool = True,
-                         progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Hessian]]:
+                         progress: StageProgress | None = None) -> tuple[torch.Tensor, dict[str, Hessian]]:
     """Calibration tokens [seqs, seq_len] and their Hessians, by the fastest route the model allows.
 
     Self-generation with a model that has `decode` collects the Hessians during generation
@@ -364,7 +369,7 @@ def hessian_targets(model: nn.Module, include_embedding: bool = True) -> tuple[d
 
 
 def capture_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 8, include_embedding: bool = True,
-                     progress: Progress | None = None,
+                     progress: StageProgress | None = None,
                      accum_dtype: torch.dtype = torch.float32) -> dict[str, Hessian]:
     """Run tokens [N, L] through the model in batches of `batch` sequences and return the input Hessians.
 
@@ -380,7 +385,7 @@ def capture_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 8, inc
 
 def capture_hessians_sequential(model: nn.Module, tokens: torch.Tensor,
                                 quantize_fn: Callable[[str, torch.Tensor, Hessian], torch.Tensor],
-                                batch: int = 8, include_embedding: bool = True, progress: Progress | None = None,
+                                batch: int = 8, include_embedding: bool = True, progress: StageProgress | None = None,
                                 accum_dtype: torch.dtype = torch.float32) -> dict[str, Hessian]:
     """Sequential GPTQ calibration: block i's Hessians are collected with blocks 0..i-1 already quantized.
 
@@ -435,7 +440,7 @@ def _hook_all(model: nn.Module, collector: _GramCollector, linears: dict[str, nn
 
 
 def _capture(model: nn.Module, tokens: torch.Tensor, linears: dict[str, nn.Module], emb: str | None, batch: int,
-             progress: Progress | None, accum_dtype: torch.dtype) -> dict[str, Hessian]:
+             progress: StageProgress | None, accum_dtype: torch.dtype) -> dict[str, Hessian]:
     collector = _GramCollector(accum_dtype)
     device = _device(model)
     was_training = model.training

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def _existing_file(path) -> Path:
 
 
 def _torch_load(p: Path):
+    _check_zip_crcs(p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -66,6 +68,19 @@ def _torch_load(p: Path):
         ) from None
     except Exception as e:  # a damaged or foreign file fails anywhere in torch.load, with any exception type
         raise CheckpointError(f"{p}: not a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def _check_zip_crcs(p: Path) -> None:
+    """torch's zip reader does not check the members' CRCs, so a damaged file would load with wrong weights."""
+    if not zipfile.is_zipfile(p):
+        return  # the legacy format: torch.load's own errors are all there is
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except Exception as e:  # a damaged directory fails anywhere in zipfile, with any exception type
+        raise CheckpointError(f"{p}: damaged zip container ({type(e).__name__})") from None
+    if bad is not None:
+        raise CheckpointError(f"{p}: damaged (CRC mismatch in {bad})")
 
 
 def _refusal_reason(e: Exception) -> str:

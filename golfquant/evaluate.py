@@ -1,4 +1,8 @@
-"""The challenge's val_bpb (brief §1.4), non-overlapping or with the corrected sliding window (§1.5)."""
+"""The challenge's val_bpb (brief §1.4), non-overlapping or with the corrected sliding window (§1.5).
+
+Both paths score the same targets: the stream is first cut to whole sequences, as the records'
+`load_validation_tokens` does, so the sliding window differs only in the context each target gets.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from golfquant.calib import model_logits
 from golfquant.data import ByteLUTs, check_tokens_fit, count_target_bytes
 from golfquant.errors import DataError, OptionError
 
@@ -80,9 +85,10 @@ def eval_val_bpb(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """val_loss and val_bpb of `model` (with `forward_logits(x) -> [B, T, V]`) on a 1-D token stream.
+    """val_loss and val_bpb of `model` (logits from `calib.model_logits`) on a 1-D token stream.
 
-    stride=None: (N-1)//seq_len contiguous sequences. stride=s: windows every s tokens, the first scoring all
+    Either way the targets are tokens 1..((N-1)//seq_len)*seq_len of the stream's first N tokens (all, or
+    max_tokens + 1). stride=None: contiguous sequences. stride=s: windows every s tokens, the first scoring all
     positions, the others their last s. `progress(done, total)` is called after each batch.
     """
     if seq_len < 1 or batch_seqs < 1:
@@ -94,6 +100,8 @@ def eval_val_bpb(
     if tokens.numel() < seq_len + 1:
         raise DataError(f"validation tokens ({tokens.numel()}) are fewer than one sequence of seq_len + 1 = "
                         f"{seq_len + 1}; use a smaller seq_len or more validation data")
+    # Whole sequences only, as the records' load_validation_tokens: the sliding path scores no tail they drop.
+    tokens = tokens[:(tokens.numel() - 1) // seq_len * seq_len + 1]
     check_tokens_fit(tokens, luts.base_bytes.numel())
     device = torch.device(device)
     tokens = tokens.to(device=device, dtype=torch.int64)
@@ -112,7 +120,7 @@ def eval_val_bpb(
         with torch.inference_mode():
             for done, batch in enumerate(batches, 1):
                 with autocast:
-                    logits = model.forward_logits(batch.x)
+                    logits = model_logits(model, batch.x)
                 if done == 1:
                     check_tokens_fit(tokens, logits.shape[-1])
                 nll = F.cross_entropy(logits.float().flatten(0, 1), batch.y.flatten(), reduction="none")

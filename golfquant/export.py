@@ -7,30 +7,39 @@ reader is `golfquant.load_artifact`, which checks every byte of a stranger's art
 unpickles anything from the file: the manifest is JSON, everything else is numbers.
 
 The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
-codecs asked for; the minimal form then renames every local to a short name and minifies (golfquant.codepack).
+codecs asked for and splices in the library functions it shares (the LQER b-scale count and A @ B, whose float
+order every dequantization path must follow); the minimal form then renames every local to a short name and
+minifies (golfquant.codepack).
 """
 from __future__ import annotations
 
 import ast
 import builtins
+import inspect
 import itertools
 import keyword
 import os
 import string
+import textwrap
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from golfquant.codepack import CODECS as CODE_CODECS
 from golfquant.codepack import PackedCode, minify, pack
 from golfquant.errors import OptionError
+from golfquant.quant.qtensor import lqer_b_scale_count
+from kernels.dequant import lowrank_reference
 
 # Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted.
 LOADER_CODECS = ("none", "zlib", "zstd", "brotli", "lzma", "rans")
 _BLOCK_END = "# [end]"
+# Functions whose source replaces the line `# <name>` of _LOADER: one definition for the library and the loader.
+_SHARED = (lqer_b_scale_count, lowrank_reference)
 
 # Mirrors golfquant/artifact.py (container and sections), golfquant/pack.py (code layouts), golfquant/codec/lz.py
 # (byte codecs) and golfquant/codec/rans.py (the rANS decoder, its tables rebuilt with the same float64 operations
 # in the same order so the frequencies come out identical). tests/test_export.py checks them against each other.
+# The `# <name>` lines are the _SHARED functions.
 _LOADER = '''
 def load_artifact(path):
     """Dequantized state_dict of a golfquant artifact (docs/artifact.md); exported by `golfquant export-loader`."""
@@ -58,6 +67,10 @@ def load_artifact(path):
     # raw LZMA2 (format 3, filter 33); 64 MiB covers the largest dictionary the writer uses
     decoders['lzma'] = lambda blob: lzma.decompress(blob, 3, None, [{'id': 33, 'dict_size': 1 << 26}])
     # [end]
+
+    # <lqer_b_scale_count>
+
+    # <lowrank_reference>
 
     def section(index):
         s = sections[index]
@@ -225,14 +238,25 @@ def load_artifact(path):
             w = codes(t['codes'], shape, t['bits']) * scales(t['scales'], shape[:-1])[..., None]
             lq = t['lqer']
             if lq:  # + A @ B, A with one scale, B with one scale per `group` elements of B flattened
-                rank, group = lq['rank'], lq['group']
+                rank, group, cols = lq['rank'], lq['group'], shape[-1]
                 a = codes(lq['a_codes'], (shape[-2], rank), lq['a_bits']) * scales(lq['a_scale'], ())
-                b = codes(lq['b_codes'], (rank, shape[-1]), lq['b_bits']).reshape(-1)
-                b_scales = scales(lq['b_scales'], (-(-b.numel() // group),)).repeat_interleave(group)
-                w = w + a @ (b * b_scales[:b.numel()]).reshape(rank, shape[-1])
+                b = codes(lq['b_codes'], (rank, cols), lq['b_bits']).reshape(-1)
+                b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
+                b = (b * b_scales[torch.arange(b.numel()) // group]).reshape(rank, cols)
+                w = w + lowrank_reference(a, b)
         out[t['name']] = w.to(dtype)
     return out
 '''
+
+
+def _splice_shared(source: str) -> str:
+    """The loader with each `# <name>` line replaced by the source of that _SHARED function."""
+    for fn in _SHARED:
+        marker = f"    # <{fn.__name__}>\n"
+        if source.count(marker) != 1:
+            raise RuntimeError(f"the loader template must hold the line '# <{fn.__name__}>' once")
+        source = source.replace(marker, textwrap.indent(inspect.getsource(fn), "    "))
+    return source
 
 
 def _check_codecs(codecs: Iterable[str] | None) -> set[str]:
@@ -350,10 +374,10 @@ def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None) -> 
     minimal: locals renamed to short names and minified (no comments); else the readable, commented source.
     Deterministic. Depends on numpy, torch, the stdlib, and zstandard / brotli only when those codecs are asked for.
     """
-    source = _keep_blocks(_LOADER, _check_codecs(codecs))
+    source = _splice_shared(_keep_blocks(_LOADER, _check_codecs(codecs)))
     if not minimal:
         return source
-    return minify(_rename_locals(source), "<exported loader>")
+    return minify(_rename_locals(source), "<exported loader>", strip_annotations=True)
 
 
 def packed_loader(codecs: Iterable[str] | None = None) -> PackedCode:

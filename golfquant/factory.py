@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from golfquant.errors import CheckpointError, OptionError
-from golfquant.model import GPTConfig, config_from_state_dict, model_from_state_dict
+from golfquant.model import GPTConfig, config_from_state_dict, model_from_state_dict, shape_mismatch
 
 
 def parse_model_args(items: str | Sequence[str] | None) -> dict:
@@ -102,17 +102,6 @@ def load_model_factory(spec: str, model_args: dict | None = None) -> Callable[[]
     return build
 
 
-def _mismatch(sd: dict[str, torch.Tensor], model: nn.Module) -> str | None:
-    """A short description of how `sd` differs from the model's state_dict keys and shapes, or None."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    parts = [f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
-    return "; ".join(parts) or None
-
-
 def build_model(state_dict: dict[str, torch.Tensor], config_dict: dict | None = None, model_spec: str | None = None,
                 num_heads: int | None = None, model_args: dict | None = None) -> nn.Module:
     """The float model holding `state_dict`, loaded with strict=True.
@@ -126,7 +115,7 @@ def build_model(state_dict: dict[str, torch.Tensor], config_dict: dict | None = 
             else config_from_state_dict(state_dict, num_heads)
         return model_from_state_dict(state_dict, config)
     model = load_model_factory(model_spec, model_args)()
-    problem = _mismatch(state_dict, model)
+    problem = shape_mismatch(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problem:
         raise CheckpointError(f"checkpoint does not fit --model {model_spec}: {problem}")
     model.load_state_dict(state_dict, strict=True)

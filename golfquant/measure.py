@@ -19,24 +19,25 @@ per candidate (`plan_divergence`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
 from golfquant.codec.sizemodel import order0_bytes
 from golfquant.plan import cast_to_scheme
-from golfquant.quant.clip import ClipSpec, parse_clip
+from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
 from golfquant.quant.quantize import Quantizer
 
-VERSION = 1  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 2  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
-RECORD_SETTING = {"embed": (8, 20.0), "default": (6, 12.85)}  # 04-05 SDClip record: matrices, embeddings
+RECORD_WIDTH = {"embed": 8, "default": 6}  # the 04-05 SDClip record: int8 embeddings, int6 matrices
 LQER_AT = ((3, 4.243), (4, 8.0), (5, 8.0), (6, 8.0))
 RECORD_LQER = LqerOptions(rank=4)
 
@@ -74,8 +75,9 @@ class Candidate:
 
 
 def record_candidate(role: str) -> Candidate:
-    bits, k = RECORD_SETTING.get(role, RECORD_SETTING["default"])
-    return Candidate(bits, sdclip(k))
+    """The records' setting for a tensor of `role`: its width, and the records' SDClip k at that width."""
+    key = role if role in RECORD_WIDTH else "default"
+    return Candidate(RECORD_WIDTH[key], sdclip(record_k(key, RECORD_WIDTH[key])))
 
 
 def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None) -> list[Candidate]:
@@ -132,13 +134,22 @@ def dequantized(value: QuantizedTensor | torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class MeasurementInfo:
+    signal: str  # how damage was measured: "fisher" (golfquant.sensitivity)
+    heldout_tokens: int
+    seconds: float = 0.0
+    candidates: int = 0  # tensor x candidate pairs
+    cached: bool = False  # read from the cache rather than measured by this run
+
+
+@dataclass
 class Measurement:
     key: str
     tensors: dict[str, list[Measured]]
-    info: dict = field(default_factory=dict)  # signal, held-out tokens, seconds, candidates
+    info: MeasurementInfo
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "key": self.key, "info": self.info,
+        return {"version": VERSION, "key": self.key, "info": dataclasses.asdict(self.info),
                 "tensors": {n: [{"candidate": m.candidate.to_json(), "bytes": m.bytes, "damage": m.damage}
                                 for m in rows] for n, rows in self.tensors.items()}}
 
@@ -149,7 +160,7 @@ class Measurement:
             raise ValueError(f"measurement version {doc.get('version')!r}, not {VERSION}")
         tensors = {n: [Measured(Candidate.from_json(r["candidate"]), float(r["bytes"]), float(r["damage"]))
                        for r in rows] for n, rows in doc["tensors"].items()}
-        return cls(str(doc["key"]), tensors, dict(doc.get("info", {})))
+        return cls(str(doc["key"]), tensors, MeasurementInfo(**doc["info"]))
 
 
 Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) -> nats per token
@@ -157,7 +168,7 @@ Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) 
 
 def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Candidate]], roles: Mapping[str, str],
             hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer, damage: Damage, key: str,
-            info: dict | None = None, progress: Callable[[int, int], None] | None = None) -> Measurement:
+            info: MeasurementInfo, progress: Callable[[int, int], None] | None = None) -> Measurement:
     """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
     Candidates that differ only by an LQER correction share the codes of their base."""
     start = time.perf_counter()
@@ -182,9 +193,8 @@ def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Can
             if progress is not None:
                 progress(done, total)
         tensors[name] = rows
-    meta = dict(info or {}) | {"seconds": round(time.perf_counter() - start, 2), "candidates": total,
-                               "cached": False}
-    return Measurement(key, tensors, meta)
+    info = dataclasses.replace(info, seconds=round(time.perf_counter() - start, 2), candidates=total, cached=False)
+    return Measurement(key, tensors, info)
 
 
 def _with_lqer(qt: QuantizedTensor, w: torch.Tensor, lqer: LqerOptions, h: torch.Tensor | None) -> QuantizedTensor:

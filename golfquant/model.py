@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from golfquant.errors import CheckpointError, OptionError
-
-# Parameters whose names contain one of these are control tensors: the scalar Adam group, kept fp32 at export.
-# The baseline's list, then the later records' additions (brief §1.1).
-CONTROL_TENSOR_NAME_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
-    "skip_weight", "skip_weights",
-    "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas", "attn_gate_proj", "attn_gate_w",
-    "smear_gate", "smear_lambda",
-)
-
-
-def is_control_tensor(name: str) -> bool:
-    return any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
-
 
 @dataclass
 class GPTConfig:
@@ -406,21 +393,23 @@ def config_from_state_dict(sd: dict[str, Tensor], num_heads: int | None = None, 
     return config
 
 
-def check_state_dict(sd: dict[str, Tensor], config: GPTConfig) -> None:
-    """CheckpointError unless `sd` has exactly GPT(config)'s keys and shapes (names the first differences)."""
-    want = expected_shapes(config)
+def shape_mismatch(sd: Mapping[str, Tensor], want: Mapping[str, tuple[int, ...]]) -> str | None:
+    """How `sd`'s keys and shapes differ from `want`'s (the first few missing, unexpected and misshapen keys), or
+    None when they match."""
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        if wrong:
-            parts.append(f"wrong shape {wrong[:3]}{' ...' if len(wrong) > 3 else ''}")
-        raise CheckpointError(f"state_dict does not fit the baseline GPT {config.to_dict()}: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k])}" for k in want if k in sd
+             and tuple(sd[k].shape) != tuple(want[k])]
+    parts = [f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    return "; ".join(parts) or None
+
+
+def check_state_dict(sd: dict[str, Tensor], config: GPTConfig) -> None:
+    """CheckpointError unless `sd` has exactly GPT(config)'s keys and shapes (names the first differences)."""
+    problem = shape_mismatch(sd, expected_shapes(config))
+    if problem:
+        raise CheckpointError(f"state_dict does not fit the baseline GPT {config.to_dict()}: {problem}")
 
 
 def model_from_state_dict(sd: dict[str, Tensor], config: GPTConfig | None = None) -> GPT:

@@ -12,9 +12,9 @@ import torch
 
 from golfquant.errors import ArtifactError
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, qmax
-from kernels.dequant import plane_widths  # the kernels decode the same planes; one definition
+from kernels.dequant import LAYOUTS as BASE_LAYOUTS  # the kernels decode the same layouts; one definition
+from kernels.dequant import packed_nbytes, parse_layout, plane_widths
 
-BASE_LAYOUTS = ("int8", "nibble", "planes")
 LAYOUTS = BASE_LAYOUTS + tuple(f"{name}.T" for name in BASE_LAYOUTS)
 
 
@@ -26,11 +26,7 @@ def layouts_for(bits: int, ndim: int = 2) -> tuple[str, ...]:
 
 def packed_length(numel: int, bits: int, layout: str) -> int:
     """Bytes that `numel` codes of width `bits` take in `layout`."""
-    base = layout.removesuffix(".T")
-    if base == "int8":
-        return numel
-    widths = (4,) if base == "nibble" else plane_widths(bits)
-    return sum(math.ceil(numel * w / 8) for w in widths)
+    return packed_nbytes(numel, parse_layout(bits, layout))
 
 
 def _check_layout(bits: int, layout: str, ndim: int) -> None:

@@ -1,87 +1,26 @@
-"""Quantize with a plan: checkpoint -> plan -> [calibration tokens -> Hessians] -> QuantizedTensors.
+"""Quantize with a plan: state_dict -> plan -> [calibration tokens -> Hessians] -> the values an artifact stores.
 
-golfquant.api writes the artifact; golfquant.budget fits a byte budget; golfquant.roundtrip evaluates artifacts.
+golfquant.api is the entry point and encodes the artifact; golfquant.budget fits a byte budget instead of taking
+the plan as given; golfquant.roundtrip evaluates artifacts.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from golfquant.calib import (CalibConfig, Hessian, calibration_hessians, calibration_tokens,
-                             capture_hessians_sequential, heldout_tokens)
+from golfquant.calib import (Hessian, calibration_hessians, calibration_tokens, capture_hessians_sequential,
+                             heldout_tokens)
 from golfquant.checkpoint import Checkpoint
-from golfquant.errors import OptionError
 from golfquant.factory import build_model
-from golfquant.plan import PlanOptions, TensorPlan, cast_to_scheme, make_plan
+from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
-from golfquant.quant.clip import ClipSpec, hessian_weighted_error, parse_clip
+from golfquant.options import QuantizeOptions
+from golfquant.quant.clip import ClipSpec, hessian_weighted_error
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
-from golfquant.quant.quantize import HESSIAN_CLIPS, METHODS, Quantizer
-
-
-@dataclass
-class QuantizeOptions:
-    """What to quantize and how. With `budget` (decimal bytes of artifact + code) golfquant.budget chooses every
-    free tensor's storage (fp16, or a width, clip and LQER correction) by measured damage; tensors of the roles in
-    `fixed_roles` and tensors matched by a plan rule keep the plan's scheme; with `fixed_clip` the clip is the
-    given one (only widths are free); with `fixed_float` the float-size convention (`plan.float_max_numel`) still
-    keeps small tensors in fp16. With `prune_to_budget` the plan is kept as it is and the cheapest ±1 codes are
-    zeroed until it fits."""
-
-    plan: PlanOptions = field(default_factory=PlanOptions)
-    method: str = "gptq"
-    clip: str = "amax"
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    block_size: int = 128
-    act_order: bool = True
-    damp: float = 0.01
-    lqer: LqerOptions = field(default_factory=LqerOptions)
-    num_heads: int | None = None
-    model_spec: str | None = None
-    model_args: dict | None = None
-    budget: int | None = None
-    prune_to_budget: bool = False
-    fixed_roles: tuple[str, ...] = ()
-    fixed_clip: bool = False
-    fixed_float: bool = False
-    exhaustive: bool = False  # compress every section with every codec x layout
-    sequential: bool = False  # block i's Hessians collected with blocks 0..i-1 already quantized
-
-    def validate(self) -> ClipSpec:
-        if self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.damp < 0 or self.block_size < 1:
-            raise OptionError(f"damp must be >= 0 and block size >= 1, got {self.damp} and {self.block_size}")
-        spec = parse_clip(self.clip)
-        if self.prune_to_budget and self.budget is None:
-            raise OptionError("--prune-to-budget needs --budget BYTES (e.g. --budget 16000000)")
-        if self.budget is not None:
-            if self.budget <= 0:
-                raise OptionError(f"budget must be a positive number of bytes, got {self.budget}")
-            if spec.method == "size":
-                raise OptionError("--clip size and --budget both choose the size: drop one of them")
-            if self.lqer.top > 0:
-                raise OptionError("--lqer cannot be combined with --prune-to-budget: drop one of them"
-                                  if self.prune_to_budget else
-                                  "--budget buys LQER corrections per tensor where they pay: drop --lqer")
-            if self.sequential:
-                raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
-        if self.sequential and self.method != "gptq":
-            raise OptionError("--sequential quantizes block by block with GPTQ: add --method gptq")
-        return spec
-
-    @property
-    def needs_hessians(self) -> bool:
-        return (self.method == "gptq" or parse_clip(self.clip).method in HESSIAN_CLIPS or self.lqer.top > 0
-                or (self.budget is not None and not self.prune_to_budget))
-
-    @property
-    def quantizer(self) -> Quantizer:
-        return Quantizer(self.method, self.block_size, self.act_order, self.damp)
 
 
 @dataclass
@@ -112,24 +51,29 @@ class Calibration:
 
 
 @dataclass
-class QuantizeResult:
+class Quantized:
+    """The values an artifact stores (QuantizedTensors, float tensors as stored), their plan, the per-tensor
+    reports and the manifest's meta."""
+
     tensors: dict[str, QuantizedTensor | torch.Tensor]
     plan: dict[str, TensorPlan]
     reports: list[TensorReport]
     meta: dict
 
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = Callable[[str, int, int], None]  # (stage name, done, total); calib.StageProgress is (done, total)
 
 
-def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
-                        on_tensor: Callable[[TensorReport], None] | None = None,
-                        calibration: Calibration | None = None) -> QuantizeResult:
-    spec = opts.validate()
+def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
+                       on_tensor: Callable[[TensorReport], None] | None = None,
+                       calibration: Calibration | None = None, model: torch.nn.Module | None = None) -> Quantized:
+    """Every tensor as opts.plan says. `model`: the float model of ckpt when the caller holds it (it calibrates on
+    its own device); else it is built from the checkpoint when calibration needs one."""
+    spec = opts.clip
     sd = ckpt.state_dict
     plan = make_plan(sd, opts.plan)
     meta: dict = {"method": opts.method, "clip": str(spec)}
-    calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration)
+    calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration, model)
     hessians = calibration.hessians
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
     reports: list[TensorReport] = []
@@ -145,16 +89,18 @@ def quantize_state_dict(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progr
         if on_tensor:
             on_tensor(report)
     gptq_meta(meta, reports, opts)
+    clip_k_meta(meta, spec, plan.values())
     if opts.lqer.top > 0:
         meta["lqer"] = _apply_lqer(out, sd, hessians, opts.lqer)
-    return QuantizeResult(out, plan, reports, meta)
+    return Quantized(out, plan, reports, meta)
 
 
 def _calibration_for(ckpt: Checkpoint, opts: QuantizeOptions, plan: dict[str, TensorPlan], meta: dict,
-                     progress: Progress | None, given: Calibration | None) -> Calibration:
+                     progress: Progress | None, given: Calibration | None,
+                     model: torch.nn.Module | None) -> Calibration:
     if not (opts.needs_hessians and any(p.bits for p in plan.values())):
         return Calibration({}, {})
-    calibration = given or calibrate(ckpt, opts, progress, plan)
+    calibration = given or calibrate(ckpt, opts, progress, plan, model)
     meta["calibration"] = calibration.info
     return calibration
 
@@ -183,21 +129,35 @@ def gptq_meta(meta: dict, reports: list[TensorReport], opts: QuantizeOptions) ->
         meta["gptq"] = {"block_size": opts.block_size, "act_order": opts.act_order, "damp": damps}
 
 
+def clip_k_meta(meta: dict, spec: ClipSpec, plans: Iterable[TensorPlan]) -> None:
+    """The SDClip k each role's quantized tensors got, by width, as the clip resolved it (bare `sdclip` takes the
+    records' k for the role and width): meta["clip_k"] = {role: {bits: k}}."""
+    ks: dict[str, dict[str, float]] = {}
+    for tp in plans:
+        if tp.bits is not None and spec.k_by_role(tp.bits):
+            ks.setdefault(tp.role, {})[str(tp.bits)] = spec.k_for(tp.role, tp.bits)
+    if ks:
+        meta["clip_k"] = ks
+
+
 def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None = None,
               plan: dict[str, TensorPlan] | None = None, model: torch.nn.Module | None = None,
               heldout: bool = False) -> Calibration:
     """Calibration tokens from opts.calib, then the Hessians of every matrix: collected during generation when
     the model has a KV cache; with opts.sequential block by block, each block quantized (with the plan) before
     the next block's Hessians are collected. heldout=True also draws opts.calib.holdout tokens the Hessians never
-    see. `model`: the float model of ckpt when the caller has built it already."""
+    see. `model`: the float model of ckpt when the caller holds it already; it runs on its own device (a
+    sequential calibration overwrites its weights)."""
     if model is None:
         model = build_float_model(ckpt, opts)
     held = heldout_tokens(model, opts.calib, stage(progress, "held-out tokens")) if heldout else None
+    if held is not None:
+        held = held.cpu()
     if not opts.sequential:
         tokens, hessians = calibration_hessians(model, opts.calib, progress=stage(progress, "calibration"))
-        return Calibration(hessians, _calib_info(opts, tokens), heldout=held)
+        return Calibration(_on_cpu(hessians), _calib_info(opts, tokens), heldout=held)
     plan = plan or make_plan(ckpt.state_dict, opts.plan)
-    spec = opts.validate()
+    spec = opts.clip
     tokens = calibration_tokens(model, opts.calib, stage(progress, "calibration tokens"))
     quantized: dict[str, tuple[QuantizedTensor, TensorReport]] = {}
 
@@ -210,7 +170,15 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
 
     hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=opts.calib.batch,
                                            progress=stage(progress, "sequential hessians"))
-    return Calibration(hessians, _calib_info(opts, tokens) | {"sequential": True}, quantized, held)
+    return Calibration(_on_cpu(hessians), _calib_info(opts, tokens) | {"sequential": True}, quantized, held)
+
+
+def _on_cpu(hessians: dict[str, Hessian]) -> dict[str, Hessian]:
+    """Hessians collected on the model's device, moved to the CPU where quantization runs (in place: the Hessian
+    objects that several weights share stay shared)."""
+    for h in {id(h): h for h in hessians.values()}.values():
+        h.H = h.H.cpu()
+    return hessians
 
 
 def build_float_model(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.nn.Module:

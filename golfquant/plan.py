@@ -6,7 +6,7 @@ Roles come from the challenge's naming conventions; schemes from role flags (--m
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -60,9 +60,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
+def is_control_tensor(name: str) -> bool:
+    """Control tensors (gains, mixes, skip weights) train in the scalar Adam group and stay fp32 in artifacts."""
+    return any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
+
+
 def role_of(name: str) -> str:
     """The role of a state_dict key, from the challenge's naming conventions."""
-    if any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS):
+    if is_control_tensor(name):
         return "control"
     for role, patterns in _ROLE_PATTERNS:
         if any(p in name for p in patterns):
@@ -97,14 +102,17 @@ def _compile(regex: str) -> re.Pattern:
         raise OptionError(f"bad rule regex '{regex}': {e}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanOptions:
     mlp: str = "int8"
     attn: str = "int8"
     embed: str = "int8"
     other: str = "int8"
-    rules: list[tuple[str, str]] = field(default_factory=list)  # (regex, scheme), searched with re.search
+    rules: tuple[tuple[str, str], ...] = ()  # (regex, scheme), searched with re.search; a list is accepted
     float_max_numel: int = 65536  # float tensors this small stay fp16 (the challenge's convention)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
-from golfquant.artifact import PackedTensor, load_artifact, read_artifact
-from golfquant.calib import vocab_size
+from golfquant.artifact import load_artifact, read_artifact
+from golfquant.calib import declared_seq_len, vocab_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.data import ByteLUTs, build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.factory import build_model
+from golfquant.model import shape_mismatch
 from golfquant.pipeline import Progress, stage
 
 
@@ -19,8 +20,8 @@ from golfquant.pipeline import Progress, stage
 class RoundtripOptions:
     val_pattern: str
     tokenizer: str
-    max_tokens: int | None = 65536
-    seq_len: int | None = None  # None: the model's training sequence length
+    max_tokens: int | None = None  # None: every validation token
+    seq_len: int | None = None  # None: the model's declared one (prepare_eval)
     stride: int | None = None
     batch_seqs: int = 16
     num_heads: int | None = None
@@ -42,14 +43,22 @@ class EvalSetup:
 def prepare_eval(ckpt: Checkpoint, val_pattern: str, tokenizer, max_tokens: int | None, seq_len: int | None = None,
                  model_spec: str | None = None, num_heads: int | None = None,
                  model_args: dict | None = None) -> EvalSetup:
-    """The first max_tokens + 1 validation tokens (all when None), the tokenizer's byte tables, the float model."""
+    """The first max_tokens + 1 validation tokens (all when None), the tokenizer's byte tables, the float model.
+
+    seq_len None: the one the model declares, found as calibration finds it (model.config.seq_len, else the
+    model's seq_len or train_seq_len); OptionError when it declares none.
+    """
     model = build_model(ckpt.state_dict, ckpt.config, model_spec, num_heads, model_args).eval()
+    if seq_len is None:
+        seq_len = declared_seq_len(model)
+        if seq_len is None:
+            raise OptionError("the model does not state its sequence length (config.seq_len, seq_len or "
+                              "train_seq_len); pass the evaluation seq_len (--seq-len)")
     vocab = vocab_size(model)
     luts = build_byte_luts(tokenizer, vocab)
     check_tokenizer_fits(luts, vocab)
     tokens = load_tokens(val_pattern, None if max_tokens is None else max_tokens + 1)
     check_tokens_fit(tokens, min(vocab, luts.tokenizer_vocab))
-    seq_len = seq_len or int(getattr(getattr(model, "config", None), "seq_len", 1024))
     return EvalSetup(model, tokens, luts, seq_len)
 
 
@@ -94,24 +103,17 @@ def load_quantized_weights(model: torch.nn.Module, artifact_path, packed: bool =
 
 
 def _swap_packed_linears(model: torch.nn.Module, artifact_path) -> set[str]:
-    from kernels import swap_linears
+    from kernels import PackedWeight, swap_linears
 
     modules = dict(model.named_modules())
-    weights = {}
-    for name, value in read_artifact(artifact_path, packed=True).tensors.items():
-        owner = modules.get(name.rsplit(".", 1)[0])
-        if isinstance(value, PackedTensor) and isinstance(owner, torch.nn.Linear) and name.endswith(".weight"):
-            lqer = None if value.lqer is None else (value.lqer.a(), value.lqer.b())
-            weights[name] = (value.packed, value.bits, value.layout, value.shape, value.scales, lqer)
+    weights = {name: value for name, value in read_artifact(artifact_path, packed=True).tensors.items()
+               if isinstance(value, PackedWeight) and name.endswith(".weight")
+               and isinstance(modules.get(name.rsplit(".", 1)[0]), torch.nn.Linear)}
     swap_linears(model, weights)
     return set(weights)
 
 
 def _check_same_tensors(own: dict, sd: dict, artifact_path) -> None:
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")
-        raise OptionError(f"artifact {artifact_path} does not match the model: {detail}")
+    problem = shape_mismatch(sd, {k: tuple(v.shape) for k, v in own.items()})
+    if problem:
+        raise OptionError(f"artifact {artifact_path} does not match the model: {problem}")

@@ -1,6 +1,6 @@
 """Rate-distortion sweep: for every method and byte budget, the val_bpb of an artifact that fits the budget.
 
-Methods (METHODS):
+Methods (SWEEP_METHODS):
 * `rtn`, `gptq`, `gptq+lqer`: one uniform quantizer for every matrix, pushed to the budget by its step size.
   Step level t means the records' SDClip step times 2^t for every role (`uniform_setting`); the width follows t
   so that the clip range stays between 1 and 2 times the records' k for the roles the records tuned at int6.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,16 +33,18 @@ from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.codepack import code_size
 from golfquant.errors import GolfquantError, OptionError
 from golfquant.evaluate import eval_val_bpb
-from golfquant.api import quantize_checkpoint
-from golfquant.pipeline import Calibration, QuantizeOptions, calibrate
+from golfquant.api import QuantizeResult, quantize
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import Calibration, Progress, build_float_model, calibrate, stage
 from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import FLOAT_SCHEMES, PlanOptions, make_plan
 from golfquant.quant.lqer import LqerOptions
-from golfquant.quant.clip import RECORD_K, RECORD_K_BITS, entropy_bits, parse_clip, round_codes, row_scales
+from golfquant.codec.sizemodel import order0_bytes
+from golfquant.quant.clip import parse_clip, round_codes, row_scales
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS
 from golfquant.report import CAP_BYTES
 
-METHODS = ("rtn", "gptq", "gptq+lqer", "auto")
+SWEEP_METHODS = ("rtn", "gptq", "gptq+lqer", "auto")
 DEFAULT_FRACTIONS = (0.25, 0.35, 0.5)  # default budgets, as fractions of the model's int8 bytes
 DEFAULT_MAX_TOKENS = 32768
 RECORD_LQER = LqerOptions(top=3, rank=4)
@@ -52,7 +54,6 @@ _ATTEMPTS = 3  # artifacts per uniform point
 _SLACK = 0.01  # a uniform point within this fraction under its budget is done
 _AIM = 0.005  # prunable methods aim this fraction over the budget (pruning trims it), LQER this fraction under
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -60,7 +61,7 @@ class SweepOptions:
     val_pattern: str
     tokenizer: str
     budgets: tuple[int, ...] = ()  # decimal bytes of artifact + code; () = DEFAULT_FRACTIONS of int8_bytes
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = SWEEP_METHODS
     out_dir: Path = Path("out/sweep")
     code_path: Path | None = None
     packed_code: bool = False
@@ -70,9 +71,9 @@ class SweepOptions:
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def validate(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown or not self.methods:
-            raise OptionError(f"methods {','.join(self.methods) or '(none)'}: use one or more of {','.join(METHODS)}")
+            raise OptionError(f"methods {','.join(self.methods) or '(none)'}: use one or more of {','.join(SWEEP_METHODS)}")
         if any(b <= 0 for b in self.budgets):
             raise OptionError(f"budgets must be positive byte counts, got {list(self.budgets)}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -88,12 +89,12 @@ class UniformSetting:
 
 def uniform_setting(t: float) -> UniformSetting:
     """Width and SDClip spec of the uniform quantizer at step level t: bits = 6 - floor(t) for every matrix, and
-    each role's k is the records' k for that role scaled to this width times 2^t, so every role's step is the
-    records' step for it times 2^t. The clip range of the roles the records tuned at int6 is then 1 to 2 times
-    their k (the embedding's, tuned at int7, half that): clipping more than the records did costs more bpb
-    than the few bytes it saves."""
+    each role's k is the records' k for that role at this width (golfquant.quant.clip.record_k) times 2^t, so
+    every role's step is the records' step for it times 2^t. The clip range of the roles the records tuned at
+    int6 is then 1 to 2 times their k: clipping more than the records did costs more bpb than the few bytes it
+    saves."""
     bits = min(MAX_BITS, max(MIN_BITS, 6 - math.floor(t)))
-    ks = ",".join(f"{role}={round(k * 2.0 ** (bits - RECORD_K_BITS[role] + t), 4)!r}" for role, k in RECORD_K.items())
+    ks = ",".join(f"{role}={round(k * 2.0 ** t, 4)!r}" for role, k in parse_clip("sdclip").k_by_role(bits).items())
     return UniformSetting(t, bits, f"sdclip:{ks}")
 
 
@@ -148,8 +149,8 @@ class SizeCurve:
 
 
 def _entropy_bytes(w: torch.Tensor, role: str, setting: UniformSetting) -> float:
-    codes = round_codes(w, row_scales(w, setting.bits, parse_clip(setting.clip), None, role), setting.bits)
-    return entropy_bits(codes) * codes.numel() / 8
+    return order0_bytes(round_codes(w, row_scales(w, setting.bits, parse_clip(setting.clip), None, role),
+                                    setting.bits).numpy())
 
 
 @dataclass
@@ -189,7 +190,8 @@ class SweepResult:
 def sweep(ckpt_path, opts: SweepOptions, progress: Progress | None = None,
           on_point: Callable[[SweepPoint], None] | None = None) -> SweepResult:
     """Quantize ckpt_path with every method at every budget into opts.out_dir, evaluate each artifact, and write
-    opts.out_dir/sweep.json. A budget a method cannot meet gives a point with `error` set; the sweep goes on."""
+    opts.out_dir/sweep.json. A budget a method cannot meet gives a point with `error` set; the sweep goes on.
+    The checkpoint is read once; one float model serves every quantization, another every evaluation."""
     opts.validate()
     ckpt = load_checkpoint(ckpt_path)
     code_bytes = 0 if opts.code_path is None else code_size(opts.code_path, packed=opts.packed_code)
@@ -197,8 +199,10 @@ def sweep(ckpt_path, opts: SweepOptions, progress: Progress | None = None,
     budgets = list(opts.budgets) or [round(f * reference) for f in DEFAULT_FRACTIONS]
     evaluator = _Evaluator(ckpt, opts)
     float_bpb = evaluator.bpb(None, progress)
-    calibration = calibrate(ckpt, QuantizeOptions(calib=opts.calib), progress, heldout="auto" in opts.methods)
-    run = _Run(ckpt_path, opts, code_bytes, calibration, progress)
+    base = QuantizeOptions(calib=opts.calib)
+    model = build_float_model(ckpt, base)
+    calibration = calibrate(ckpt, base, progress, model=model, heldout="auto" in opts.methods)
+    run = _Run(ckpt, model, opts, code_bytes, calibration, progress)
     points = []
     for method in opts.methods:
         for budget in sorted(budgets):
@@ -230,18 +234,18 @@ class _Evaluator:
             self.model.load_state_dict(self.float_state)
         else:
             load_quantized_weights(self.model, artifact)
-        stage = "val_bpb"
         res = eval_val_bpb(self.model, self.tokens, self.luts, self.seq_len, batch_seqs=self.batch_seqs,
-                           progress=None if progress is None else lambda d, t: progress(stage, d, t))
+                           progress=stage(progress, "val_bpb"))
         return res.val_bpb
 
 
 class _Run:
-    """Writes the artifact of one (method, budget) point; learns each uniform method's real/estimated size ratio."""
+    """Quantizes and writes the artifact of one (method, budget) point; learns each uniform method's
+    real/estimated size ratio."""
 
-    def __init__(self, ckpt_path, opts: SweepOptions, code_bytes: int, calibration: Calibration,
-                 progress: Progress | None):
-        self.ckpt_path, self.opts, self.code_bytes, self.progress = ckpt_path, opts, code_bytes, progress
+    def __init__(self, ckpt: Checkpoint, model: torch.nn.Module, opts: SweepOptions, code_bytes: int,
+                 calibration: Calibration, progress: Progress | None):
+        self.ckpt, self.model, self.opts, self.code_bytes, self.progress = ckpt, model, opts, code_bytes, progress
         self.calibration = calibration
         self.ratio: dict[str, float] = {}
         self._curve: SizeCurve | None = None
@@ -249,7 +253,7 @@ class _Run:
     @property
     def curve(self) -> SizeCurve:
         if self._curve is None:
-            self._curve = SizeCurve(load_checkpoint(self.ckpt_path).state_dict, self.opts.float_max_numel)
+            self._curve = SizeCurve(self.ckpt.state_dict, self.opts.float_max_numel)
         return self._curve
 
     def point(self, method: str, budget: int) -> SweepPoint:
@@ -263,25 +267,22 @@ class _Run:
             point.error = str(e)
         return point
 
-    def _path(self, point: SweepPoint, attempt: int | None = None) -> Path:
+    def _path(self, point: SweepPoint) -> Path:
         stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', point.method)}_{point.budget}"
-        return Path(self.opts.out_dir) / "artifacts" / (f"{stem}.gqa" if attempt is None else f".{stem}.{attempt}.gqa")
+        return Path(self.opts.out_dir) / "artifacts" / f"{stem}.gqa"
 
-    def _quantize(self, path: Path, opts: QuantizeOptions, cache: bool | Path = False) -> dict:
-        return quantize_checkpoint(self.ckpt_path, path, opts, self.opts.code_path, self.opts.packed_code,
-                                   progress=self.progress, calibration=self.calibration, cache=cache)
+    def _quantize(self, opts: QuantizeOptions, cache: Path | None = None) -> QuantizeResult:
+        return quantize(self.model, opts, config=self.ckpt.config, code_bytes=self.code_bytes, progress=self.progress,
+                        calibration=self.calibration, cache=cache)
 
     def _auto(self, point: SweepPoint) -> None:
-        path = self._path(point)
-        opts = QuantizeOptions(method="gptq", calib=self.opts.calib, budget=point.budget)
         # one measurement for every budget: the first point makes it, the others read it
-        summary = self._quantize(path, opts, cache=Path(self.opts.out_dir) / "artifacts" / "auto")
-        schemes: dict[str, int] = {}
-        for a in summary["allocation"]:
-            schemes[a["scheme"]] = schemes.get(a["scheme"], 0) + 1
+        result = self._quantize(QuantizeOptions(calib=self.opts.calib, budget=point.budget),
+                                cache=Path(self.opts.out_dir) / "artifacts" / "auto")
+        schemes = Counter(a.scheme for a in result.budget.allocation)
         point.bits = ", ".join(f"{s} x{n}" for s, n in sorted(schemes.items()))
-        point.pruned_codes, point.attempts = summary["pruned_codes"], 1
-        self._record(point, path, summary)
+        point.pruned_codes, point.attempts = result.budget.pruned_codes, 1
+        self._record(point, result)
 
     def _uniform(self, point: SweepPoint) -> None:
         """Up to _ATTEMPTS artifacts, each aimed with the size ratio learned so far and kept inside the bracket of
@@ -291,42 +292,35 @@ class _Run:
         if room <= 0:
             raise OptionError(f"budget {point.budget:,} bytes is used up by the {self.code_bytes:,} code bytes alone")
         over, under = STEP_RANGE[0] - _GRID, STEP_RANGE[1] + _GRID  # bracket: t too fine / t known to fit
-        best: tuple[Path, dict, UniformSetting] | None = None
-        tried: dict[Path, int] = {}
-        try:
-            for attempt in range(1, _ATTEMPTS + 1):
-                ratio = self.ratio.get(point.method, self.ratio.get("gptq", 1.0))
-                t = self.curve.solve(room * (1 - _AIM if lqer else 1 + _AIM) / ratio)
-                setting = uniform_setting(t if over < t < under else 0.5 * (over + under))
-                path = self._path(point, attempt)
-                summary = self._quantize(path, self._uniform_options(point, setting, lqer))
-                tried[path] = summary["total_bytes"]
-                pruned = summary.get("pruned_codes", 0)
-                if not pruned:  # an unpruned size measures the estimate's error
-                    self.ratio[point.method] = summary["artifact_bytes"] / self.curve.estimate(setting.step)
-                if summary["total_bytes"] > point.budget:
-                    over = max(over, setting.step)
-                    if setting.step >= STEP_RANGE[1]:
-                        break
-                    continue
-                under = min(under, setting.step)
-                if best is None or summary["total_bytes"] > best[1]["total_bytes"]:
-                    best = (path, summary, setting)
-                if pruned or summary["total_bytes"] >= (1 - _SLACK) * point.budget or setting.step <= STEP_RANGE[0]:
+        best: tuple[QuantizeResult, UniformSetting] | None = None
+        smallest = None
+        for attempt in range(1, _ATTEMPTS + 1):
+            ratio = self.ratio.get(point.method, self.ratio.get("gptq", 1.0))
+            t = self.curve.solve(room * (1 - _AIM if lqer else 1 + _AIM) / ratio)
+            setting = uniform_setting(t if over < t < under else 0.5 * (over + under))
+            result = self._quantize(self._uniform_options(point, setting, lqer))
+            point.attempts = attempt
+            smallest = min(smallest or result.total_bytes, result.total_bytes)
+            pruned = result.budget.pruned_codes if result.budget else 0
+            if not pruned:  # an unpruned size measures the estimate's error
+                self.ratio[point.method] = len(result.data) / self.curve.estimate(setting.step)
+            if result.total_bytes > point.budget:
+                over = max(over, setting.step)
+                if setting.step >= STEP_RANGE[1]:
                     break
-            point.attempts = len(tried)
-            if best is None:
-                raise OptionError(f"{point.method}: no uniform width fits {point.budget:,} bytes (the smallest "
-                                  f"artifact tried was {min(tried.values()):,} bytes in all); raise the budget")
-            final = self._path(point)
-            os.replace(best[0], final)
-        finally:
-            for p in tried:
-                p.unlink(missing_ok=True)
-        _, summary, setting = best
+                continue
+            under = min(under, setting.step)
+            if best is None or result.total_bytes > best[0].total_bytes:
+                best = (result, setting)
+            if pruned or result.total_bytes >= (1 - _SLACK) * point.budget or setting.step <= STEP_RANGE[0]:
+                break
+        if best is None:
+            raise OptionError(f"{point.method}: no uniform width fits {point.budget:,} bytes (the smallest "
+                              f"artifact tried was {smallest:,} bytes in all); raise the budget")
+        result, setting = best
         point.bits, point.clip, point.step = f"int{setting.bits}", setting.clip, round(setting.step, 4)
-        point.pruned_codes = summary.get("pruned_codes", 0)
-        self._record(point, final, summary)
+        point.pruned_codes = result.budget.pruned_codes if result.budget else 0
+        self._record(point, result)
 
     def _uniform_options(self, point: SweepPoint, setting: UniformSetting, lqer: bool) -> QuantizeOptions:
         return QuantizeOptions(plan=uniform_plan(setting.bits, self.opts.float_max_numel),
@@ -334,7 +328,8 @@ class _Run:
                                calib=self.opts.calib, lqer=RECORD_LQER if lqer else LqerOptions(),
                                budget=None if lqer else point.budget, prune_to_budget=not lqer)
 
-    @staticmethod
-    def _record(point: SweepPoint, path: Path, summary: dict) -> None:
+    def _record(self, point: SweepPoint, result: QuantizeResult) -> None:
+        path = self._path(point)
+        result.save(path)
         point.artifact = str(path)
-        point.artifact_bytes, point.total_bytes = summary["artifact_bytes"], summary["total_bytes"]
+        point.artifact_bytes, point.total_bytes = len(result.data), result.total_bytes

@@ -8,7 +8,7 @@ import click
 from golfquant.api import quantize_checkpoint
 from golfquant.calib import CalibConfig
 from golfquant.data import default_data_dir, default_tokenizer_path, default_val_pattern
-from golfquant.pipeline import QuantizeOptions
+from golfquant.options import QuantizeOptions
 from golfquant.roundtrip import RoundtripOptions, roundtrip_eval
 from golfquant.plan import PlanOptions
 from golfquant.report import size_report
@@ -33,13 +33,16 @@ def demo(out_dir, calib_seqs, max_tokens, as_json):
     say = (lambda text: None) if as_json else render.console.rule
     say("1/4 the records' recipe: GPTQ int6 SDClip k=12.85 on the matrices, int8 k=20 on the tied embedding")
     with render.stage_progress(enabled=not as_json) as progress:
-        records = quantize_checkpoint(ckpt, out_dir / "records.gqa", QuantizeOptions(
-            plan=RECORDS_PLAN, clip=RECORDS_CLIP, calib=calib), progress=progress)
-    budget = records["total_bytes"]
+        records = quantize_checkpoint(ckpt, QuantizeOptions(plan=RECORDS_PLAN, clip=RECORDS_CLIP, calib=calib),
+                                      progress=progress)
+    records.save(out_dir / "records.gqa")
+    budget = records.total_bytes
     say(f"2/4 quantize --budget {budget:,}: every matrix's storage chosen by measured damage, at the same bytes")
     with render.stage_progress(enabled=not as_json) as progress:
-        summary = quantize_checkpoint(ckpt, out_dir / "model.gqa", QuantizeOptions(calib=calib, budget=budget),
-                                      progress=progress)
+        result = quantize_checkpoint(ckpt, QuantizeOptions(calib=calib, budget=budget), progress=progress,
+                                     cache=out_dir / "model")
+    result.save(out_dir / "model.gqa")
+    summary = render.quantize_json(result, out_dir / "model.gqa")
     if not as_json:
         render.print_quantize_summary(summary)
     say("3/4 size-report")
@@ -54,7 +57,7 @@ def demo(out_dir, calib_seqs, max_tokens, as_json):
         with render.stage_progress(enabled=not as_json) as progress:
             roundtrips[name] = roundtrip_eval(out_dir / f"{name}.gqa", ckpt, rt_opts, progress)
     if as_json:
-        render.emit_json({"records": records, "quantize": summary, "size_report": report, "roundtrip": roundtrips})
+        render.emit_json({"records": render.quantize_json(records, out_dir / "records.gqa"), "quantize": summary,
+                          "size_report": report, "roundtrip": roundtrips})
         return
-    render.print_demo_comparison(records["total_bytes"], summary["total_bytes"], roundtrips["records"],
-                                 roundtrips["model"])
+    render.print_demo_comparison(records.total_bytes, result.total_bytes, roundtrips["records"], roundtrips["model"])

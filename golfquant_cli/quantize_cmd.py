@@ -7,7 +7,8 @@ import click
 
 from golfquant.factory import parse_model_args
 from golfquant.api import quantize_checkpoint
-from golfquant.pipeline import QuantizeOptions
+from golfquant.codepack import code_size
+from golfquant.options import QuantizeOptions
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
 from golfquant_cli.options import (calib_from_flags, calib_options, explicit_flags, json_option, model_options,
@@ -60,10 +61,18 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
         fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
         fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential)
-    opts.validate()
+    code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
+    note = None
+    if opts.budget is not None and code_path is None:
+        note = "no --code given: the budget counts the code as 0 bytes"
+        if not as_json:
+            render.status_console.print(f"note: {note}")
     with render.stage_progress(enabled=not as_json) as progress:
-        summary = quantize_checkpoint(ckpt, out, opts, code_path, packed_code, progress=progress,
-                                      on_tensor=None if as_json else render.print_tensor_report, cache=cache)
+        result = quantize_checkpoint(ckpt, opts, code_bytes=code_bytes, progress=progress,
+                                     on_tensor=None if as_json else render.print_tensor_report,
+                                     cache=out.with_suffix("") if cache and opts.budget is not None else None)
+    result.save(out)
+    summary = render.quantize_json(result, out) | ({"note": note} if note else {})
     if as_json:
         render.emit_json(summary)
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -40,29 +41,31 @@ def fmt_bpb(x: float) -> str:
 
 
 @contextlib.contextmanager
-def stage_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """Yield `update(stage, done, total)`: one bar per stage (tokens/s shown), drawn on stderr."""
+def stage_progress(enabled: bool) -> Iterator[Callable[..., None]]:
+    """Yield `update(stage, done, total, info="")`: one bar per stage (the rate per second and `info` shown),
+    drawn on stderr."""
     if not enabled:
-        yield lambda *a: None
+        yield lambda *a, **k: None
         return
     columns = [
         TextColumn("[bold]{task.description:<20}"),
         BarColumn(),
         TextColumn("{task.completed:>10,.0f}/{task.total:,.0f}"),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     ]
     # Only on a terminal: piped stderr must carry nothing but an error line.
     with Progress(*columns, console=status_console, disable=not status_console.is_terminal) as prog:
         tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
+        def update(stage: str, done: int, total: int, info: str = "") -> None:
             if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total, rate="")
+                tasks[stage] = prog.add_task(stage, total=total, rate="", info="")
             task = prog.tasks[tasks[stage]]
             elapsed = task.elapsed or 0.0
             rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 and done else ""
-            prog.update(tasks[stage], completed=done, total=total, rate=rate)
+            prog.update(tasks[stage], completed=done, total=total, rate=rate, info=info)
 
         yield update
 
@@ -72,6 +75,28 @@ def print_tensor_report(r) -> None:
     if r.damp is not None:
         extra = f"  damp {r.damp:.3g}  H-err/RTN {r.error_vs_rtn:.3f}"
     status_console.print(f"  {r.name:<40} {r.scheme:>5} {r.method:>4} {r.seconds:6.2f}s{extra}")
+
+
+def quantize_json(result, out_path) -> dict:
+    """The `quantize --json` object of a golfquant.api.QuantizeResult written to out_path."""
+    summary = {
+        "artifact": str(out_path),
+        "artifact_bytes": len(result.data),
+        "code_bytes": result.code_bytes,
+        "total_bytes": result.total_bytes,
+        "tensors": [{"name": tp.name, "role": tp.role, "scheme": tp.scheme, "bits": tp.bits}
+                    for tp in result.plan.values()],
+        "reports": [dataclasses.asdict(r) for r in result.reports],
+        "meta": result.meta,
+    }
+    b = result.budget
+    if b is not None:
+        summary |= {"budget": b.budget, "budget_used": result.total_bytes / b.budget, "pruned_codes": b.pruned_codes,
+                    "chosen_plan": b.chosen, "encodes": b.encodes, "seconds": b.seconds,
+                    "measurement": None if b.measurement is None else dataclasses.asdict(b.measurement),
+                    "plans": [dataclasses.asdict(p) for p in b.plans],
+                    "allocation": [dataclasses.asdict(a) for a in b.allocation]}
+    return summary
 
 
 def print_quantize_summary(summary: dict) -> None:

@@ -9,7 +9,7 @@ import click
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.errors import OptionError
 from golfquant.plot import sweep_png
-from golfquant.sweep import DEFAULT_FRACTIONS, DEFAULT_MAX_TOKENS, METHODS, SweepOptions, sweep as run_sweep
+from golfquant.sweep import DEFAULT_FRACTIONS, DEFAULT_MAX_TOKENS, SWEEP_METHODS, SweepOptions, sweep as run_sweep
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
 from golfquant_cli.options import calib_from_flags, calib_options, json_option, parse_budget
@@ -33,8 +33,8 @@ def _methods(text: str) -> tuple[str, ...]:
 @click.option("--budgets", default=None, metavar="B1,B2,...",
               help="Total bytes (artifact + code), decimal, e.g. 12e6,14e6,16e6 "
                    f"[default: {_FRACTIONS} of the model's int8 bytes].")
-@click.option("--methods", default=",".join(METHODS), show_default=True,
-              help="Comma-separated, from " + ", ".join(METHODS) + ".")
+@click.option("--methods", default=",".join(SWEEP_METHODS), show_default=True,
+              help="Comma-separated, from " + ", ".join(SWEEP_METHODS) + ".")
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
               help="Your train_gpt.py: its bytes count toward every budget.")
 @click.option("--packed-code", is_flag=True, help="Count the code as its packed self-extracting form (pack-code).")

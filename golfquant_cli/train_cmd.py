@@ -13,8 +13,6 @@ from typing import Callable, Iterator
 
 import click
 import torch
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 
 from golfquant.data import default_data_dir
 from golfquant.train import PRESETS, TrainProgress, apply_overrides, distributed, preset, train as run_training
@@ -50,16 +48,12 @@ def _progress(mode: str, steps: int, log_every: int) -> Iterator[Callable[[Train
 
         yield log
         return
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=render.status_console) as bar:
-        task = bar.add_task("train", total=steps, info="")
-
+    with render.stage_progress(enabled=True) as bar:
         def update(p: TrainProgress) -> None:
             if p.val_bpb is not None:
-                bar.console.print(f"step {p.step}: val_loss {p.val_loss:.4f} val_bpb {p.val_bpb:.4f}")
-            bar.update(task, completed=p.step, info=f"loss {p.train_loss:.4f}  {p.tokens_per_s:,.0f} tok/s  "
-                                                    f"lr x{p.lr_scale:.2f}" + "  qat" * p.qat)
+                render.status_console.print(f"step {p.step}: val_loss {p.val_loss:.4f} val_bpb {p.val_bpb:.4f}")
+            bar("train steps", p.step, steps, info=f"loss {p.train_loss:.4f}  {p.tokens_per_s:,.0f} tok/s  "
+                                                   f"lr x{p.lr_scale:.2f}" + "  qat" * p.qat)
 
         yield update
 

@@ -4,9 +4,10 @@ The result is defined, bit for bit, by `dequantize_reference` (pure torch):
     w = (q.float32 * scale.float32 [+ lowrank_reference(A, B)]).to(dtype)
 where q comes from the packed bytes (offset-binary planes, nibbles or signed int8 bytes, optionally stored in
 transposed order) and `lowrank_reference` sums the LQER rank-1 terms A[:, j] * B[j, :] in order j = 0..r-1,
-one fp32 multiply and one fp32 add each. The Triton kernel does the same operations in the same order with
-fp contraction off, so it matches the reference exactly for fp32, fp16 and bf16 (bf16 is rounded to nearest
-even by hand, because the Triton interpreter's bf16 cast truncates).
+one fp32 multiply and one fp32 add each, from zero. The Triton kernel does the same operations in the same order
+with fp contraction off, so it matches the reference exactly for fp32, fp16 and bf16 (bf16 is rounded to nearest
+even by hand, because the Triton interpreter's bf16 cast truncates). golfquant's QuantizedTensor.dequantize and
+its exported loader call `lowrank_reference` too, so every path gives the same bits.
 
 One Triton kernel serves every layout: plane widths, offset and transposition are constexprs, so each layout
 compiles to its own specialised kernel (element indices are int32: fewer than 2**31 codes per tensor).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +47,27 @@ class LayoutSpec:
     xor: int
     offset: int
     transposed: bool
+
+
+class PackedWeight(NamedTuple):
+    """A quantized weight as stored: codes still in their bit layout (golfquant's packed artifact reader makes
+    these; QuantLinear and swap_linears take them)."""
+
+    packed: torch.Tensor  # uint8, 1-D
+    bits: int
+    layout: str
+    shape: tuple[int, ...]
+    scales: torch.Tensor  # fp16 [shape[:-1]]
+    lqer: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 A [rows, r], B [r, cols]
+
+    def to(self, device: str | torch.device) -> PackedWeight:
+        lqer = None if self.lqer is None else (self.lqer[0].to(device), self.lqer[1].to(device))
+        return self._replace(packed=self.packed.to(device), scales=self.scales.to(device), lqer=lqer)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+        """dequantize_packed of this weight, on its device."""
+        return dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, dtype,
+                                 backend)
 
 
 @dataclass(frozen=True)
@@ -110,8 +133,8 @@ def unpack_reference(packed: torch.Tensor, bits: int, layout: str, shape) -> tor
 
 
 def lowrank_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A @ B for LQER as the kernel computes it: rank-1 terms added in order, each a multiply then an add
-    (a BLAS matmul sums in its own order and may fuse, so it is not reproducible by a kernel)."""
+    """A @ B for LQER as every path computes it: rank-1 terms added in order to zeros, each a multiply then an
+    add (a BLAS matmul sums in its own order and may fuse, so it is not reproducible by a kernel)."""
     acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
     for j in range(a.shape[1]):
         acc = acc + a[:, j:j + 1] * b[j:j + 1, :]

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dequant import check_lqer, check_packed, check_scales, dequantize_packed, parse_layout
+from kernels.dequant import PackedWeight, check_lqer, check_packed, check_scales, parse_layout
 from kernels.matmul import FUSED_MAX_ROWS, dequant_matmul
-
-# (packed uint8 tensor or bytes, bits, layout, shape (out, in), fp16 scales [out], LQER (A, B) fp32 or None)
-PackedWeight = tuple
 
 
 class QuantLinear(nn.Module):
@@ -23,12 +20,9 @@ class QuantLinear(nn.Module):
     Up to FUSED_MAX_ROWS activation rows without LQER use the fused kernel; otherwise the weight is
     dequantized (Triton on CUDA, torch elsewhere) and multiplied by F.linear."""
 
-    def __init__(self, packed, bits: int, layout: str, shape, scales: torch.Tensor,
-                 lqer: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
-                 backend: str = "auto"):
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
-        if isinstance(packed, (bytes, bytearray, memoryview)):
-            packed = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+        packed, bits, layout, shape, scales, lqer = weight
         self.bits, self.layout, self.shape, self.backend = bits, layout, tuple(int(d) for d in shape), backend
         if len(self.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight shape (out, in), got {self.shape}")
@@ -54,14 +48,17 @@ class QuantLinear(nn.Module):
             return None
         return self.lqer_a_bits.view(torch.float32), self.lqer_b_bits.view(torch.float32)
 
+    @property
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer)
+
     def extra_repr(self) -> str:
         rank = 0 if self.lqer_a_bits is None else self.lqer_a_bits.shape[1]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"layout={self.layout}, lqer_rank={rank}, bias={self.bias is not None}")
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer,
-                                 dtype, backend=self.backend)
+        return self.packed_weight.dequantize(dtype, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
@@ -82,11 +79,11 @@ def swap_linears(model: nn.Module, packed_weights: dict[str, PackedWeight], back
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and f"{name}.weight" in packed_weights]
     for name, linear in targets:
-        packed, bits, layout, shape, scales, lqer = packed_weights[f"{name}.weight"]
-        if tuple(int(d) for d in shape) != tuple(linear.weight.shape):
-            raise ValueError(f"packed weight {name}.weight has shape {tuple(shape)}, "
+        weight = packed_weights[f"{name}.weight"]
+        if tuple(int(d) for d in weight.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"packed weight {name}.weight has shape {tuple(weight.shape)}, "
                              f"the model's is {tuple(linear.weight.shape)}")
-        quant = QuantLinear(packed, bits, layout, shape, scales, lqer, linear.bias, backend)
+        quant = QuantLinear(weight, linear.bias, backend)
         quant.to(linear.weight.device)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, quant)

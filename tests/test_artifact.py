@@ -12,8 +12,9 @@ from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, reg
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import layouts_for, pack_codes
 from golfquant.plan import PlanOptions, make_plan
-from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor
+from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, lqer_b_scale_count
 from golfquant.quant.rtn import quantize_rtn
+from kernels import PackedWeight
 
 
 def state_dict():
@@ -105,6 +106,24 @@ def test_load_dequantizes_and_keeps_banks(written):
     assert isinstance(raw["qo_bank"], QuantizedTensor) and raw["qo_bank"].scales.shape == (2, 16)
     assert torch.equal(raw["qo_bank"].codes, tensors["qo_bank"].codes)
     assert raw["big_vector"].dtype == torch.float32  # passthrough back in its original dtype
+
+
+def test_packed_read_gives_kernel_weights(written):
+    _, _, tensors, path, _ = written
+    packed = read_artifact(path, packed=True).tensors
+    for name in ("blocks.0.attn.c_q.weight", "qo_bank", "tok_emb.weight"):
+        weight = packed[name]
+        assert isinstance(weight, PackedWeight) and weight.shape == tuple(tensors[name].shape), name
+        assert torch.equal(weight.dequantize(torch.float32, backend="torch"), tensors[name].dequantize()), name
+    lq = tensors["blocks.0.attn.c_q.weight"].lqer
+    a, b = packed["blocks.0.attn.c_q.weight"].lqer
+    assert torch.equal(a, lq.a()) and torch.equal(b, lq.b())
+    assert packed["qo_bank"].lqer is None and torch.equal(packed["qo_bank"].scales, tensors["qo_bank"].scales)
+
+
+def test_lqer_b_scale_count_is_an_exact_ceiling():
+    assert [lqer_b_scale_count(2, 32, g) for g in (48, 64, 65, 1)] == [2, 1, 1, 64]
+    assert lqer_b_scale_count(1, 2**53 + 1, 2) == 2**52 + 1  # float division would round this down
 
 
 def test_deterministic(written, tmp_path):

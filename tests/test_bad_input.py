@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import leftovers, raw_shard, start_cli, tiny_checkpoint, tiny_state_dict, val_shard
 
 from golfquant.artifact import write_artifact
 from golfquant.checkpoint import save_checkpoint
 from golfquant_cli.main import cli
+
+from helpers import leftovers, raw_shard, start_cli, tiny_checkpoint, tiny_state_dict, val_shard
+
 
 class Inputs:
     """Every file the cases need, built once."""

@@ -7,14 +7,14 @@ import re
 import pytest
 import torch
 
-from golfquant.api import quantize_checkpoint
+from golfquant.api import QuantizeResult, quantize_checkpoint
 from golfquant.artifact import artifact_sizes, load_artifact, read_artifact
 from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import default_data_dir
 from golfquant.errors import OptionError
 from golfquant.measure import Candidate, candidate_grid
-from golfquant.pipeline import QuantizeOptions
+from golfquant.options import QuantizeOptions
 from golfquant.quant.lqer import LqerOptions
 from golfquant.plan import PlanOptions
 from helpers import tiny_checkpoint
@@ -27,6 +27,12 @@ def opts(budget, **kw):
     return QuantizeOptions(calib=CALIB, budget=budget, **kw)
 
 
+def written(ckpt, out, options, **kw) -> QuantizeResult:
+    result = quantize_checkpoint(ckpt, options, **kw)
+    result.save(out)
+    return result
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "mini.pt", num_layers=2, model_dim=64, vocab_size=256,
@@ -34,47 +40,42 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sizes(ckpt, tmp_path_factory):
+def sizes(ckpt):
     """Artifact bytes of the uniform int4 and int8 plans (every matrix quantized)."""
-    out = tmp_path_factory.mktemp("uniform")
     size = {}
     for b in (4, 8):
         plan = PlanOptions(mlp=f"int{b}", attn=f"int{b}", embed=f"int{b}", float_max_numel=0)
-        size[b] = quantize_checkpoint(ckpt, out / f"u{b}.gqa", QuantizeOptions(plan=plan, calib=CALIB,
-                                                                             clip="sdclip:8"))["total_bytes"]
+        size[b] = quantize_checkpoint(ckpt, QuantizeOptions(plan=plan, calib=CALIB, clip="sdclip:8")).total_bytes
     return size
 
 
 def test_budget_is_never_exceeded_and_is_spent(ckpt, sizes, tmp_path):
-    code = tmp_path / "train_gpt.py"
-    code.write_text("x = 1\n" * 300)
-    code_bytes = code.stat().st_size
+    code_bytes = 1800
     for frac in (0.0, 0.5, 1.0):
         budget = int(sizes[4] + frac * (sizes[8] - sizes[4])) + code_bytes
         out = tmp_path / f"{frac}.gqa"
-        s = quantize_checkpoint(ckpt, out, opts(budget), code, cache=tmp_path / "m")
-        assert s["total_bytes"] == out.stat().st_size + code_bytes <= budget
-        assert s["total_bytes"] >= 0.97 * budget, (budget, s["total_bytes"])
-        assert all(a["free"] for a in s["allocation"])
+        r = written(ckpt, out, opts(budget), code_bytes=code_bytes, cache=tmp_path / "m")
+        assert r.total_bytes == out.stat().st_size + code_bytes <= budget
+        assert r.total_bytes >= 0.97 * budget, (budget, r.total_bytes)
+        assert all(a.free for a in r.budget.allocation)
         load_artifact(out)  # valid and complete
 
 
 def test_unreachable_budget_names_the_smallest_size_and_writes_no_artifact(ckpt, tmp_path):
     with pytest.raises(OptionError, match=r"cannot be met: the smallest reachable artifact is [\d,]+ bytes \+ 0 code"):
-        quantize_checkpoint(ckpt, tmp_path / "x.gqa", opts(5_000))
-    assert not (tmp_path / "x.gqa").exists()
+        quantize_checkpoint(ckpt, opts(5_000))
 
 
 def test_never_worse_than_the_uniform_plans_on_the_measured_tokens(ckpt, sizes, tmp_path):
     budget = (sizes[4] + sizes[8]) // 2
-    s = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))
-    rows = {p["plan"]: p for p in s["plans"]}
-    chosen = [p for p in s["plans"] if p["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["plan"] == s["chosen_plan"] == read_artifact(tmp_path / "a.gqa").manifest["meta"]["plan"]
-    measured = [p["measured_kl"] for name, p in rows.items() if name != "allocated" and p["measured_kl"] is not None]
+    r = written(ckpt, tmp_path / "a.gqa", opts(budget))
+    chosen = [p for p in r.budget.plans if p.chosen]
+    assert len(chosen) == 1
+    assert chosen[0].plan == r.budget.chosen == read_artifact(tmp_path / "a.gqa").manifest["meta"]["plan"]
+    measured = [p.measured_kl for p in r.budget.plans if p.plan != "allocated" and p.measured_kl is not None]
     assert len(measured) >= 2  # the uniform plans that fit this budget were measured
-    assert chosen[0]["measured_kl"] <= min(measured)
-    assert all(p["total_bytes"] <= budget for p in s["plans"] if p["total_bytes"] is not None)
+    assert chosen[0].measured_kl <= min(measured)
+    assert all(p.total_bytes <= budget for p in r.budget.plans if p.total_bytes is not None)
 
 
 def test_a_tensor_made_sensitive_receives_more_bytes(tmp_path):
@@ -90,9 +91,9 @@ def test_a_tensor_made_sensitive_receives_more_bytes(tmp_path):
                               budget=2_150_000)
 
     def branch(path) -> tuple[float, float]:
-        s = quantize_checkpoint(path, tmp_path / "x.gqa", options, cache=tmp_path / path.stem)
-        assert {a["name"] for a in s["allocation"] if a["free"]} == {f"blocks.{i}.mlp.{p}.weight" for i in (2, 3)
-                                                                     for p in ("fc", "proj")}
+        r = written(path, tmp_path / "x.gqa", options, cache=tmp_path / path.stem)
+        assert {a.name for a in r.budget.allocation if a.free} == {f"blocks.{i}.mlp.{p}.weight" for i in (2, 3)
+                                                                   for p in ("fc", "proj")}
         t = {t.name: t for t in artifact_sizes(tmp_path / "x.gqa").tensors}
         mine = [t[f"blocks.3.mlp.{p}.weight"] for p in ("fc", "proj")]
         damage = load_measurement_rows(tmp_path / f"{path.stem}.measurement.json", name)
@@ -110,45 +111,44 @@ def load_measurement_rows(path, name) -> list[float]:
 
 def test_measurement_is_cached_reused_and_invalidated(ckpt, sizes, tmp_path):
     budget = (sizes[4] + sizes[8]) // 2
-    first = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))
+    stem = tmp_path / "a"
+    first = quantize_checkpoint(ckpt, opts(budget), cache=stem)
     assert (tmp_path / "a.measurement.json").exists() and (tmp_path / "a.calibration.safetensors").exists()
-    again = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget + 500))
-    assert not first["measurement"]["cached"] and again["measurement"]["cached"]
+    again = quantize_checkpoint(ckpt, opts(budget + 500), cache=stem)
+    assert not first.budget.measurement.cached and again.budget.measurement.cached
     # the cache changes nothing: the same bytes as a run without it
-    quantize_checkpoint(ckpt, tmp_path / "b.gqa", opts(budget + 500), cache=False)
-    assert (tmp_path / "a.gqa").read_bytes() == (tmp_path / "b.gqa").read_bytes()
+    assert quantize_checkpoint(ckpt, opts(budget + 500)).data == again.data
     # another checkpoint, or other options, measure again
     other = load_checkpoint(ckpt)
     other.state_dict["blocks.0.attn.c_q.weight"] = other.state_dict["blocks.0.attn.c_q.weight"] * 1.01
     save_checkpoint(tmp_path / "other.pt", other.state_dict, other.config)
-    changed = [quantize_checkpoint(tmp_path / "other.pt", tmp_path / "a.gqa", opts(budget)),
-               quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget, method="rtn")),
-               quantize_checkpoint(ckpt, tmp_path / "a.gqa", QuantizeOptions(
-                   calib=CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128, seed=7), budget=budget))]
-    assert [c["measurement"]["cached"] for c in changed] == [False, False, False]
+    changed = [quantize_checkpoint(tmp_path / "other.pt", opts(budget), cache=stem),
+               quantize_checkpoint(ckpt, opts(budget, method="rtn"), cache=stem),
+               quantize_checkpoint(ckpt, QuantizeOptions(
+                   calib=CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128, seed=7), budget=budget), cache=stem)]
+    assert [c.budget.measurement.cached for c in changed] == [False, False, False]
     # a damaged cache is measured again, never trusted
     (tmp_path / "a.measurement.json").write_text("{not json")
     (tmp_path / "a.calibration.safetensors").write_bytes(b"junk")
-    assert not quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(budget))["measurement"]["cached"]
+    assert not quantize_checkpoint(ckpt, opts(budget), cache=stem).budget.measurement.cached
 
 
 def test_float_is_a_candidate_and_the_convention_holds_only_when_asked(ckpt, sizes, tmp_path):
     huge = 10 * sizes[8]
-    s = quantize_checkpoint(ckpt, tmp_path / "f.gqa", opts(huge), cache=False)
-    assert {a["scheme"] for a in s["allocation"]} == {"fp16"}  # no damage left to remove: everything float
-    kept = quantize_checkpoint(ckpt, tmp_path / "g.gqa", opts(3 * sizes[8], fixed_float=True), cache=False)
-    small = {t["name"] for t in kept["tensors"] if "blocks" in t["name"] and t["scheme"] == "fp16"}
-    assert small and not small & {a["name"] for a in kept["allocation"]}  # <= 65,536 elements: fixed fp16
+    r = quantize_checkpoint(ckpt, opts(huge))
+    assert {a.scheme for a in r.budget.allocation} == {"fp16"}  # no damage left to remove: everything float
+    kept = quantize_checkpoint(ckpt, opts(3 * sizes[8], fixed_float=True))
+    small = {n for n, tp in kept.plan.items() if "blocks" in n and tp.scheme == "fp16"}
+    assert small and not small & {a.name for a in kept.budget.allocation}  # <= 65,536 elements: fixed fp16
 
 
 def test_explicit_widths_stay_fixed(ckpt, sizes, tmp_path):
-    s = quantize_checkpoint(ckpt, tmp_path / "a.gqa", opts(sizes[8], fixed_roles=("mlp",),
-                                                           plan=PlanOptions(mlp="int3")), cache=False)
-    assert s["total_bytes"] <= sizes[8]
-    for a in s["allocation"]:
-        assert a["free"] == (".mlp." not in a["name"])
-        if ".mlp." in a["name"]:
-            assert a["scheme"] == "int3"
+    r = quantize_checkpoint(ckpt, opts(sizes[8], fixed_roles=("mlp",), plan=PlanOptions(mlp="int3")))
+    assert r.total_bytes <= sizes[8]
+    for a in r.budget.allocation:
+        assert a.free == (".mlp." not in a.name)
+        if ".mlp." in a.name:
+            assert a.scheme == "int3"
 
 
 def test_candidate_grid_holds_float_records_and_lqer_only_for_matrices():
@@ -165,12 +165,12 @@ def test_candidate_grid_holds_float_records_and_lqer_only_for_matrices():
 
 def test_prune_to_budget_keeps_the_plan(ckpt, tmp_path):
     plan = PlanOptions(mlp="int5", attn="int5", embed="int6", float_max_numel=0)
-    plain = quantize_checkpoint(ckpt, tmp_path / "p.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn"))
-    budget = int(plain["total_bytes"] * 0.97)
-    s = quantize_checkpoint(ckpt, tmp_path / "q.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn",
-                                                                      budget=budget, prune_to_budget=True))
-    assert s["total_bytes"] <= budget and s["pruned_codes"] > 0
-    assert [t["scheme"] for t in s["tensors"]] == [t["scheme"] for t in plain["tensors"]]
+    plain = written(ckpt, tmp_path / "p.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn"))
+    budget = int(plain.total_bytes * 0.97)
+    r = written(ckpt, tmp_path / "q.gqa", QuantizeOptions(plan=plan, calib=CALIB, method="rtn", budget=budget,
+                                                         prune_to_budget=True))
+    assert r.total_bytes <= budget and r.budget.pruned_codes > 0
+    assert [tp.scheme for tp in r.plan.values()] == [tp.scheme for tp in plain.plan.values()]
     assert torch.equal(load_artifact(tmp_path / "q.gqa")["skip_weights"], load_artifact(tmp_path / "p.gqa")["skip_weights"])
 
 
@@ -182,4 +182,4 @@ def test_prune_to_budget_keeps_the_plan(ckpt, tmp_path):
     ({"budget": 0}, "positive number of bytes")])
 def test_options_that_cannot_go_with_a_budget_are_refused(kw, match):
     with pytest.raises(OptionError, match=match):
-        QuantizeOptions(**({"budget": 10_000} | kw)).validate()
+        QuantizeOptions(**({"budget": 10_000} | kw))

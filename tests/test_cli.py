@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import sentencepiece as spm
 from click.testing import CliRunner
 
+from golfquant.data import load_tokens
 from golfquant_cli.main import cli
+
 from helpers import TOKENIZER, tiny_checkpoint, val_shard
 
 
@@ -102,10 +105,15 @@ def test_data_build_writes_shards_and_tokenizer(tmp_path):
     docs = [" ".join(f"word{i % 97} and the {i % 13} others went home." for i in range(d, d + 400))
             for d in range(12)]
     text.write_text("\n\f\n".join(docs))
-    r = invoke_json("data", "build", text, "--vocab", 300, "-o", tmp_path / "ds", "--val-fraction", 0.25)
-    assert (tmp_path / "ds" / "tokenizer.model").is_file()
-    assert list((tmp_path / "ds").glob("fineweb_val_*.bin")) and list((tmp_path / "ds").glob("fineweb_train_*.bin"))
-    assert r
+    out = tmp_path / "ds"
+    r = invoke_json("data", "build", text, "--vocab", 300, "-o", out, "--val-fraction", 0.25)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert r["tokenizer_vocab"] == sp.get_piece_size() == 300
+    assert (r["docs_val"], r["docs_train"]) == (3, 9)
+    for split in ("val", "train"):
+        tokens = load_tokens(str(out / f"fineweb_{split}_*.bin"))
+        assert tokens.numel() == r[f"tokens_{split}"] > 0 and int(tokens.max()) < 300
+    assert sorted(r["files"]) == sorted(str(f) for f in out.iterdir())
 
 
 def test_sequential_gptq_quantizes_block_by_block(ckpt, tmp_path):

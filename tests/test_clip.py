@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
+from golfquant.codec.entropy import order0_bits
 from golfquant.errors import OptionError
 from golfquant.quant.clip import (
-    RECORD_K,
+    ROLE_KEYS,
     ClipSpec,
     entropy_bits,
     hessian_weighted_error,
     parse_clip,
+    record_k,
     round_codes,
     row_scales,
 )
@@ -43,18 +45,35 @@ def test_parse_each_method(text, expected):
 
 def test_parse_roles_and_defaults():
     bare = parse_clip("sdclip")
-    assert {r: bare.k_for(r) for r in ("mlp", "attn", "embed", "other", None)} == {
-        "mlp": 12.0, "attn": 13.0, "embed": 15.0, "other": 12.85, None: 12.85}
+    assert {r: bare.k_for(r, 6) for r in ("mlp", "attn", "other", "control", None)} == {
+        "mlp": 12.0, "attn": 13.0, "other": 12.85, "control": 12.85, None: 12.85}
     spec = parse_clip("sdclip:mlp=12,attn=13,embed=15,default=12.85")
-    assert dict(spec.k) == RECORD_K
+    assert dict(spec.k) == {"mlp": 12.0, "attn": 13.0, "embed": 15.0, "default": 12.85}
+    assert spec.k_for("embed", 8) == 15.0  # explicit: as given at any width
     only_mlp = parse_clip("sdclip:mlp=11.5")  # other roles keep the record constants
-    assert (only_mlp.k_for("mlp"), only_mlp.k_for("attn")) == (11.5, 13.0)
+    assert (only_mlp.k_for("mlp", 6), only_mlp.k_for("attn", 6), only_mlp.k_for("embed", 8)) == (11.5, 13.0, 20.0)
     with_default = parse_clip("sdclip:12,mlp=11")  # an explicit default replaces the record constants
-    assert (with_default.k_for("mlp"), with_default.k_for("attn"), with_default.k_for("embed")) == (11.0, 12.0, 12.0)
+    assert [with_default.k_for(r, 8) for r in ("mlp", "attn", "embed")] == [11.0, 12.0, 12.0]
     h = parse_clip("hsdclip:12,0.3")
-    assert (h.k_for("attn"), h.lam) == (12.0, 0.3)
+    assert (h.k_for("attn", 6), h.lam) == (12.0, 0.3)
     assert parse_clip("hsdclip").lam == 0.175
-    assert parse_clip("hsdclip:attn=14,lambda=0.2").k_for("attn") == 14.0
+    assert parse_clip("hsdclip:attn=14,lambda=0.2").k_for("attn", 6) == 14.0
+
+
+def test_record_k_by_role_and_width():
+    # The records' own widths give their own k: int8 embeddings 20 (04-05), int7 15 (04-14), int6 matrices.
+    assert [record_k("embed", b) for b in (8, 7)] == [20.0, 15.0]
+    assert [record_k(r, 6) for r in ("mlp", "attn", "default")] == [12.0, 13.0, 12.85]
+    # Other widths: the nearest record width's k times 2^(bits - width), the records' (b, k) ~ (b+1, 2k).
+    assert [record_k("embed", b) for b in (6, 4)] == [7.5, 15.0 / 8]
+    assert [record_k("mlp", b) for b in (8, 4, 2)] == [48.0, 3.0, 0.75]
+    # What a caller records: every role's k at one width, as the clip resolves it.
+    bare = parse_clip("sdclip")
+    assert bare.k_by_role(8) == {"mlp": 48.0, "attn": 52.0, "embed": 20.0, "other": 51.4, "control": 51.4}
+    assert list(parse_clip("hsdclip:mlp=9").k_by_role(6).items()) == [
+        ("mlp", 9.0), ("attn", 13.0), ("embed", 7.5), ("other", 12.85), ("control", 12.85)]
+    assert list(bare.k_by_role(7)) == list(ROLE_KEYS)
+    assert parse_clip("amax").k_by_role(6) == {} and parse_clip("size:3").k_by_role(6) == {}
 
 
 @pytest.mark.parametrize("text", ["amax", "pct:99.99984", "mse:norm=2,grid=7,maxshrink=0.25", "sdclip",
@@ -77,9 +96,9 @@ def test_bad_specs_raise_option_error(text):
 
 def test_sdclip_scales_are_k_std_over_qmax_fp16():
     w = torch.randn(64, 128, generator=_gen())
-    # bare sdclip: the record constants (int6 matrices, int7 embeddings) scaled by 2^(bits - record bits)
-    for bits, role, k in [(6, "mlp", 12.0), (6, "attn", 13.0), (8, "embed", 30.0), (7, "embed", 15.0),
-                          (5, None, 6.425), (4, "mlp", 3.0)]:
+    # bare sdclip: the record constants at their widths, scaled by 2^(bits - record width) at others
+    for bits, role, k in [(6, "mlp", 12.0), (6, "attn", 13.0), (8, "embed", 20.0), (7, "embed", 15.0),
+                          (6, "embed", 7.5), (5, None, 6.425), (4, "mlp", 3.0)]:
         s = row_scales(w, bits, parse_clip("sdclip"), role=role)
         assert s.dtype == torch.float16 and s.shape == (64,)
         assert torch.equal(s, (k * w.std(dim=1) / qmax(bits)).to(torch.float16))
@@ -161,3 +180,5 @@ def test_entropy_bits():
     assert math.isclose(entropy_bits(torch.tensor([-1, 1, -1, 1], dtype=torch.int8)), 1.0)
     assert math.isclose(entropy_bits(torch.arange(-8, 8, dtype=torch.int8)), 4.0)
     assert entropy_bits(torch.empty(0, dtype=torch.int8)) == 0.0
+    codes = torch.randint(-31, 32, (40, 50), generator=_gen(), dtype=torch.int8)
+    assert entropy_bits(codes) == order0_bits(codes.numpy()) / codes.numel()  # the codec's definition, per code

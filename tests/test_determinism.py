@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
-from helpers import start_python, tiny_checkpoint
 
 from golfquant.artifact import read_artifact
+
+from helpers import start_python, tiny_checkpoint
 
 VARIANTS = {"rtn": ["--method", "rtn"],
             "gptq": ["--method", "gptq", "--calib-seqs", "2", "--calib-len", "32"],
             "budget": ["--calib-seqs", "2", "--calib-len", "32", "--budget", "30000", "--no-cache"]}
 RUNS = (("a", 1), ("b", 1), ("c", 2))  # (name, threads): a vs b is run to run, a vs c is 1 vs 2 threads
-TIMING_KEYS = ("generate_seconds", "hessian_seconds")
 # One process per run quantizes with every method in turn: separate processes (own hash seeds, fresh state) for the
 # comparisons, without paying torch's import per method.
 _RUN_METHODS = """
@@ -42,7 +42,7 @@ def artifacts(tmp_path_factory):
 
 
 def _content(path_bytes: bytes, tmp_path, name: str) -> tuple[dict, dict]:
-    """(tensors as comparable tuples, meta without wall-clock timings) of an artifact."""
+    """(tensors as comparable tuples, meta) of an artifact."""
     path = tmp_path / name
     path.write_bytes(path_bytes)
     art = read_artifact(path)
@@ -52,10 +52,7 @@ def _content(path_bytes: bytes, tmp_path, name: str) -> tuple[dict, dict]:
             tensors[key] = (value.dtype, value.view(torch.uint8).tolist() if value.numel() else [])
         else:
             tensors[key] = (value.bits, value.codes.tolist(), value.scales.view(torch.int16).tolist())
-    meta = dict(art.manifest["meta"])
-    if "calibration" in meta:
-        meta["calibration"] = {k: v for k, v in meta["calibration"].items() if k not in TIMING_KEYS}
-    return tensors, meta
+    return tensors, art.manifest["meta"]
 
 
 def test_rtn_is_byte_identical(artifacts):
@@ -64,7 +61,7 @@ def test_rtn_is_byte_identical(artifacts):
 
 
 def test_gptq_weights_and_meta_are_identical(artifacts, tmp_path):
-    """Codes, scales and every meta field but the wall-clock timings: run to run and across thread counts."""
+    """Codes, scales and every meta field: run to run and across thread counts."""
     reference = _content(artifacts["gptq", "a"], tmp_path, "a.gqa")
     assert "gptq" in reference[1] and "calibration" in reference[1], "GPTQ with calibration did not run"
     for run, threads in RUNS[1:]:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from golfquant.data import ByteLUTs, build_byte_luts, default_tokenizer_path, load_tokens, default_val_pattern
+from golfquant.data import ByteLUTs, build_byte_luts, default_tokenizer_path, default_val_pattern, load_tokens
 from golfquant.errors import DataError, OptionError
 from golfquant.evaluate import _sliding_batches, eval_val_bpb
 
@@ -29,6 +29,17 @@ class FixedLogits(torch.nn.Module):
 
     def forward_logits(self, x):
         return self.A[x] + self.B[x[:, :1]]
+
+
+class ForwardOnly(torch.nn.Module):
+    """FixedLogits' logits from forward(idx) alone, as a user model without forward_logits gives them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fixed = FixedLogits()
+
+    def forward(self, x):
+        return self.fixed.forward_logits(x)
 
 
 def nll(model, first, tok, nxt):
@@ -82,7 +93,8 @@ def test_leading_space_rule_after_boundary():
 def test_sliding_matches_hand_computation_and_scores_each_target_once(n, L, stride):
     model, tokens = FixedLogits(), tokens_for(n)
     t = tokens.tolist()
-    n_targets = n - 1
+    # The records' load_validation_tokens keeps whole sequences: the first ((n-1)//L)*L targets.
+    n_targets = (n - 1) // L * L
     # Brief §1.5, written out independently: window ws is kept if ws + L - stride < n_targets; the first
     # window scores everything, later windows from L - stride to their end.
     scored = [0] * n_targets
@@ -116,11 +128,25 @@ def test_sliding_masks_cover_every_target_once(n, L, stride):
 
 def test_sliding_with_stride_equal_seq_len_equals_non_overlapping():
     model, L = FixedLogits(), 5
-    tokens = tokens_for(4 * L + 1)
+    tokens = tokens_for(4 * L + 4)  # a tail of 3 targets that neither path scores
     a = eval_val_bpb(model, tokens, fake_luts(), seq_len=L)
     b = eval_val_bpb(model, tokens, fake_luts(), seq_len=L, stride=L, batch_seqs=3)
-    assert (a.tokens, a.bytes) == (b.tokens, b.bytes)
+    assert a.tokens == b.tokens == 4 * L and a.bytes == b.bytes
     assert a.val_loss == pytest.approx(b.val_loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("n, max_tokens", [(47, None), (64, 38), (41, None)])
+@pytest.mark.parametrize("stride", [1, 3, 6])
+def test_sliding_and_non_overlapping_score_the_same_targets(n, max_tokens, stride):
+    """Same targets, so the same token and byte counts: the sliding path drops the tail the records drop."""
+    model, L, luts = FixedLogits(), 6, fake_luts()
+    tokens = tokens_for(n)
+    a = eval_val_bpb(model, tokens, luts, seq_len=L, max_tokens=max_tokens)
+    b = eval_val_bpb(model, tokens, luts, seq_len=L, stride=stride, max_tokens=max_tokens, batch_seqs=4)
+    t = tokens.tolist()[:n if max_tokens is None else max_tokens + 1]
+    kept = (len(t) - 1) // L * L
+    assert a.tokens == b.tokens == kept < len(t) - 1
+    assert a.bytes == b.bytes == sum(target_bytes(p, q) for p, q in zip(t[:kept], t[1:kept + 1]))
 
 
 def test_max_tokens_and_errors():
@@ -138,6 +164,23 @@ def test_max_tokens_and_errors():
     calls = []
     eval_val_bpb(model, tokens, fake_luts(), seq_len=4, batch_seqs=4, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)] and model.training
+
+
+@pytest.mark.parametrize("stride", [None, 3])
+def test_a_model_with_only_forward_is_evaluated_on_its_forward_logits(stride):
+    tokens = tokens_for(30)
+    a = eval_val_bpb(FixedLogits(), tokens, fake_luts(), seq_len=4, stride=stride)
+    b = eval_val_bpb(ForwardOnly(), tokens, fake_luts(), seq_len=4, stride=stride)
+    assert a == b
+
+
+def test_a_model_returning_no_logits_is_an_option_error():
+    class LossOnly(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean()
+
+    with pytest.raises(OptionError, match="logits"):
+        eval_val_bpb(LossOnly(), tokens_for(30), fake_luts(), seq_len=4)
 
 
 def test_uniform_model_on_bundled_val_gives_log_vocab_over_bytes_per_token():

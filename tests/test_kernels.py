@@ -17,11 +17,15 @@ from torch import nn  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed: the kernels under test are Triton kernels")
 
 import kernels.dequant as kd  # noqa: E402
+from golfquant.artifact import load_artifact, read_artifact, write_artifact  # noqa: E402
+from golfquant.export import loader_source  # noqa: E402
 from golfquant.model import CastedLinear  # noqa: E402
 from golfquant.pack import pack_codes, unpack_codes  # noqa: E402
-from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, qmax  # noqa: E402
+from golfquant.quant.lqer import apply_lqer  # noqa: E402
+from golfquant.quant.qtensor import QuantizedTensor, qmax  # noqa: E402
+from golfquant.quant.rtn import quantize_rtn  # noqa: E402
 from kernels import (  # noqa: E402
-    KernelConfig, QuantLinear, dequant_matmul, dequant_matmul_reference, dequantize_packed,
+    KernelConfig, PackedWeight, QuantLinear, dequant_matmul, dequant_matmul_reference, dequantize_packed,
     dequantize_reference, swap_linears, unpack_reference,
 )
 
@@ -117,20 +121,28 @@ def test_reference_is_the_projects_dequantize(dtype):
         assert_same_bits(got, QuantizedTensor(codes, scales, bits).dequantize(dtype))
 
 
-def test_reference_lqer_close_to_projects_dequantize():
-    # The project adds A @ B from a BLAS matmul, whose summation order (and FMA use) is its own; the kernels
-    # add the rank-1 terms in order. Both are fp32 sums of `rank` products: they agree to a few fp32 ulps.
-    shape = (64, 48)
-    codes, scales = random_weight(shape, 4, seed=11)
-    g = torch.Generator().manual_seed(12)
-    lf = LowRankFactors(a_codes=torch.randint(-1, 2, (64, 4), generator=g, dtype=torch.int8),
-                        a_scale=torch.tensor(0.01, dtype=torch.float16), a_bits=2,
-                        b_codes=torch.randint(-7, 8, (4, 48), generator=g, dtype=torch.int8),
-                        b_scales=torch.rand(3, generator=g).half(), b_bits=4, group=64)
-    want = QuantizedTensor(codes, scales, 4, lf).dequantize(torch.float32)
-    got = dequantize_packed(pack(codes, 4, "nibble"), 4, "nibble", shape, scales, (lf.a(), lf.b()),
-                            torch.float32, backend="torch")
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+def test_lqer_weights_are_bit_identical_on_every_path(tmp_path):
+    # A @ B is summed in one fp32 order everywhere (kernels.lowrank_reference): the library's reference, the
+    # packed reader's kernels (Triton and torch), QuantLinear and the exported loader. On these factors a BLAS
+    # matmul rounds ~0.5% of the outputs differently (CPU torch 2.x), so a path that used one fails here.
+    w = torch.randn(128, 96, generator=torch.Generator().manual_seed(1)) * 0.02
+    qt = apply_lqer(quantize_rtn(w, 4, "sdclip:8"), w)
+    want = qt.dequantize(torch.float32)
+    path = tmp_path / "lqer.gqa"
+    write_artifact(path, {"fc.weight": qt}, None)
+    weight = read_artifact(path, packed=True).tensors["fc.weight"]
+    assert isinstance(weight, PackedWeight) and weight.lqer is not None
+    namespace = {}
+    exec(compile(loader_source(), "<exported>", "exec"), namespace)
+    paths = {"load_artifact": load_artifact(path)["fc.weight"],
+             "exported loader": namespace["load_artifact"](path)["fc.weight"],
+             "triton": weight.dequantize(torch.float32, backend="triton"),
+             "torch reference": weight.to("cpu").dequantize(torch.float32, backend="torch"),
+             "QuantLinear": QuantLinear(weight, backend="triton").dequantized_weight(torch.float32),
+             "QuantLinear torch": QuantLinear(weight, backend="torch").dequantized_weight(torch.float32)}
+    for name, got in paths.items():
+        assert got.dtype == torch.float32, name
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
 
 
 def matmul_bound(x, w, dtype):
@@ -159,9 +171,8 @@ def test_fused_matmul_within_rounding(dtype, bits, layout, m):
 def quant_linear_case(bits=4, layout="nibble", shape=(96, 80), lqer=False, seed=0):
     codes, scales = random_weight(shape, bits, seed)
     factors = (torch.randn(shape[0], 3) * 1e-2, torch.randn(3, shape[1]) * 1e-2) if lqer else None
-    packed = pack(codes, bits, layout)
-    weight = dequantize_reference(packed, bits, layout, shape, scales, factors, torch.float32)
-    return (packed, bits, layout, shape, scales, factors), weight
+    packed = PackedWeight(pack(codes, bits, layout), bits, layout, shape, scales, factors)
+    return packed, packed.dequantize(torch.float32, backend="torch")
 
 
 @pytest.mark.parametrize("lqer", [False, True])
@@ -173,13 +184,13 @@ def test_quant_linear_matches_float_linear(lqer):
     x = torch.randn(2, 5, 80)
     want = float_linear(x)
     for backend in ("torch", "triton"):
-        quant = QuantLinear(*entry, bias=float_linear.bias, backend=backend)
+        quant = QuantLinear(entry, bias=float_linear.bias, backend=backend)
         got = quant(x)
         assert got.shape == (2, 5, 96)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Above FUSED_MAX_ROWS the weight is dequantized and multiplied by F.linear: the float layer exactly.
     x_big = torch.randn(70, 80)
-    assert torch.equal(QuantLinear(*entry, bias=float_linear.bias, backend="triton")(x_big), float_linear(x_big))
+    assert torch.equal(QuantLinear(entry, bias=float_linear.bias, backend="triton")(x_big), float_linear(x_big))
 
 
 def test_quant_linear_under_autocast_is_casted_linear():
@@ -187,7 +198,7 @@ def test_quant_linear_under_autocast_is_casted_linear():
     casted = CastedLinear(80, 96, bias=False)
     with torch.no_grad():
         casted.weight.copy_(weight)
-    quant = QuantLinear(*entry, backend="torch")
+    quant = QuantLinear(entry, backend="torch")
     x = torch.randn(70, 80)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = casted(x), quant(x)
@@ -196,8 +207,8 @@ def test_quant_linear_under_autocast_is_casted_linear():
 
 def test_quant_linear_keeps_scales_through_dtype_casts():
     entry, weight = quant_linear_case()
-    quant = QuantLinear(*entry).to(torch.float16)
-    assert quant.scales.dtype == torch.float16 and torch.equal(quant.scales, entry[4])
+    quant = QuantLinear(entry).to(torch.float16)
+    assert quant.scales.dtype == torch.float16 and torch.equal(quant.scales, entry.scales)
     assert torch.equal(quant.dequantized_weight(torch.float32), weight)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from golfquant.errors import OptionError
 from golfquant.api import quantize_checkpoint
-from golfquant.pipeline import QuantizeOptions
+from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.plot import size_report_png, sweep_png
 from golfquant.report import size_report
@@ -30,7 +30,7 @@ def report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plot")
     ckpt = tiny_checkpoint(folder / "tiny.pt")
     art = folder / "tiny.gqa"
-    quantize_checkpoint(ckpt, art, QuantizeOptions(plan=PlanOptions(mlp="int4", float_max_numel=0)))
+    quantize_checkpoint(ckpt, QuantizeOptions(plan=PlanOptions(mlp="int4", float_max_numel=0), method="rtn")).save(art)
     return size_report(art, code_bytes=1234)
 
 

@@ -7,10 +7,11 @@ import torch
 
 from golfquant.artifact import read_artifact
 from golfquant.calib import CalibConfig
-from golfquant.codec.rans import fit_size_model
+from golfquant.codec.rans import encode_codes
+from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.errors import OptionError
 from golfquant.api import quantize_checkpoint
-from golfquant.pipeline import QuantizeOptions
+from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.quant.rtn import quantize_rtn
@@ -43,9 +44,9 @@ def test_costs_are_row_scale_squared_times_h_diag():
 def test_prune_to_bytes_zeroes_only_plus_minus_one_and_just_enough():
     ts = tensors()
     costs = {n: prune_costs(qt, None) for n, qt in ts.items()}
-    models = {n: fit_size_model(qt.codes.numpy(), qt.bits) for n, qt in ts.items()}
-    pricers = {n: m.estimate for n, m in models.items()}
-    full = sum(m.estimated_bytes for m in models.values())
+    real = {n: len(encode_codes(qt.codes.numpy(), qt.bits)) for n, qt in ts.items()}
+    pricers = {n: ScaledEntropyPricer.fit(qt.codes.numpy(), real[n]) for n, qt in ts.items()}  # as budget.py does
+    full = sum(real.values())
     floor = pruned_floor(ts, costs, pricers)
     assert floor < full
     target = (full + floor) / 2
@@ -77,13 +78,15 @@ def opts(**kw):
 
 
 def test_prune_to_budget_never_exceeds_it(mini, tmp_path):
-    plain = quantize_checkpoint(mini, tmp_path / "plain.gqa", opts())
+    plain = quantize_checkpoint(mini, opts())
+    plain.save(tmp_path / "plain.gqa")
     before = read_artifact(tmp_path / "plain.gqa").tensors
-    for budget in (int(plain["total_bytes"] * 0.97), int(plain["total_bytes"] * 0.9)):
+    for budget in (int(plain.total_bytes * 0.97), int(plain.total_bytes * 0.9)):
         out = tmp_path / f"{budget}.gqa"
-        s = quantize_checkpoint(mini, out, opts(budget=budget, prune_to_budget=True))
-        assert s["total_bytes"] == out.stat().st_size <= budget
-        assert s["total_bytes"] >= 0.995 * budget
+        r = quantize_checkpoint(mini, opts(budget=budget, prune_to_budget=True))
+        r.save(out)
+        assert r.total_bytes == out.stat().st_size <= budget
+        assert r.total_bytes >= 0.995 * budget
         after = read_artifact(out).tensors
         changed = 0
         for name, qt in before.items():
@@ -92,13 +95,11 @@ def test_prune_to_budget_never_exceeds_it(mini, tmp_path):
                 diff = a != b
                 assert (np.abs(a[diff]) == 1).all() and (b[diff] == 0).all()
                 changed += int(diff.sum())
-        assert changed == s["pruned_codes"] > 0
+        assert changed == r.budget.pruned_codes > 0
     # the budget meta adds ~100 manifest bytes
-    fits = quantize_checkpoint(mini, tmp_path / "fits.gqa", opts(budget=plain["total_bytes"] + 200,
-                                                                 prune_to_budget=True))
-    assert fits["pruned_codes"] == 0
+    fits = quantize_checkpoint(mini, opts(budget=plain.total_bytes + 200, prune_to_budget=True))
+    assert fits.budget.pruned_codes == 0
     with pytest.raises(OptionError, match="cannot be met by pruning"):
-        quantize_checkpoint(mini, tmp_path / "no.gqa", opts(budget=int(plain["total_bytes"] * 0.3),
-                                                           prune_to_budget=True))
+        quantize_checkpoint(mini, opts(budget=int(plain.total_bytes * 0.3), prune_to_budget=True))
     with pytest.raises(OptionError, match="needs --budget"):
-        opts(prune_to_budget=True).validate()
+        opts(prune_to_budget=True)

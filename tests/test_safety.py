@@ -6,6 +6,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +14,14 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import leftovers, run_cli, tiny_state_dict
 from safetensors.torch import save_file
 
 from golfquant.artifact import read_artifact, write_artifact
 from golfquant.checkpoint import load_checkpoint
 from golfquant.errors import CheckpointError
 from golfquant_cli.main import cli
+
+from helpers import leftovers, run_cli, tiny_state_dict
 
 
 class _Opens:
@@ -98,24 +100,34 @@ def test_safetensors_checkpoint_loads(tmp_path):
 
 
 def test_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
-    """Truncated or bit-flipped .pt files: a CheckpointError (or, where the damage missed, a checkpoint)."""
+    """A truncated .pt is refused: a one-line CheckpointError naming the file. A bit flip is refused wherever it
+    lands in the zip's members (their CRCs are checked, which torch does not do), the zip structure or the pickle;
+    a flipped file that still loads (a flip in padding no CRC covers) holds exactly the original tensors."""
     sd, config = tiny_state_dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64)
     path = tmp_path / "model.pt"
     torch.save({"model": sd, "config": config}, path)
     data = path.read_bytes()
+    refusal = rf"^{re.escape(str(path))}: (not a PyTorch checkpoint \(\w+\)|refused, [^\n]+|damaged[^\n]+)$"
+    for n in (1, 30, 200, len(data) // 2, len(data) - 22, len(data) - 1):
+        path.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match=refusal):
+            load_checkpoint(path)
     rng = random.Random(0)
-    damaged = [data[:n] for n in (1, 30, 200, len(data) // 2, len(data) - 22, len(data) - 1)]
+    refused = 0
     for _ in range(60):
         flipped = bytearray(data)
         for _ in range(rng.randint(1, 4)):
             flipped[rng.randrange(len(data))] ^= rng.randint(1, 255)
-        damaged.append(bytes(flipped))
-    for blob in damaged:
-        path.write_bytes(blob)
+        path.write_bytes(flipped)
         try:
-            load_checkpoint(path)
-        except CheckpointError:
-            pass
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            assert re.match(refusal, str(e)), str(e)
+            refused += 1
+        else:
+            assert set(ckpt.state_dict) == set(sd) and ckpt.config == config
+            assert all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items()), "a damaged file loaded wrong weights"
+    assert refused >= 30, f"only {refused} of 60 damaged files were refused"
 
 
 def test_damaged_safetensors_is_a_checkpoint_error(tmp_path):

@@ -12,7 +12,8 @@ from golfquant.calib import CalibConfig, generate_tokens, heldout_tokens
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import default_data_dir
 from golfquant.factory import load_model_factory
-from golfquant.pipeline import QuantizeOptions, build_float_model, calibrate, hessian_of
+from golfquant.options import QuantizeOptions
+from golfquant.pipeline import build_float_model, calibrate, hessian_of
 from golfquant.quant.clip import ClipSpec
 from golfquant.quant.quantize import Quantizer
 from golfquant.sensitivity import _head_damage, measure_sensitivity, plan_divergence, reference_logprobs
@@ -109,6 +110,6 @@ def test_a_matrix_without_a_signal_is_measured_with_forward_passes(tmp_path):
     cal = calibrate(load_checkpoint(tmp_path / "bank.pt"), opts, model=model, heldout=True)
     sens = measure_sensitivity(model, cal.heldout, cal.hessians)
     assert not sens.has_signal("w") and sens.has_signal("head.weight") and sens.has_signal("embed.weight")
-    s = quantize_checkpoint(tmp_path / "bank.pt", tmp_path / "bank.gqa", opts, cache=False)
-    assert s["total_bytes"] <= 6000
-    assert {a["name"] for a in s["allocation"]} == {"embed.weight", "w", "head.weight"}
+    r = quantize_checkpoint(tmp_path / "bank.pt", opts)
+    assert r.total_bytes <= 6000
+    assert {a.name for a in r.budget.allocation} == {"embed.weight", "w", "head.weight"}

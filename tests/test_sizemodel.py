@@ -8,7 +8,7 @@ import torch
 from golfquant.artifact import read_artifact, write_artifact
 from golfquant.codec import BYTE_CODECS, compress
 from golfquant.codec.rans import encode_codes
-from golfquant.codec.sizemodel import byte_entropy, estimate_section_bytes
+from golfquant.codec.sizemodel import estimate_codes_section, order0_bytes
 from golfquant.pack import layouts_for, pack_codes
 from golfquant.quant.qtensor import QuantizedTensor, qmax
 
@@ -21,7 +21,7 @@ def t_codes(shape, bits, width, seed=0):
 
 def test_estimates_cover_every_candidate_and_track_real_sizes():
     q = t_codes((128, 256), 6, 4.0)
-    est = estimate_section_bytes(q, 6)
+    est = estimate_codes_section(q, 6).bytes
     layouts = layouts_for(6, 2)
     assert set(est) == {(c, layout) for c in BYTE_CODECS for layout in layouts} | {("rans", None)}
     for layout in layouts:
@@ -34,14 +34,15 @@ def test_estimates_cover_every_candidate_and_track_real_sizes():
             tolerance = 0.25 if layout.startswith("planes") else 0.05
             assert est[(codec, layout)] == pytest.approx(real, rel=tolerance), (codec, layout)
     assert est[("rans", None)] == pytest.approx(len(encode_codes(q, 6)), rel=0.01)
-    assert byte_entropy(b"") == 0.0 and byte_entropy(b"aaaa") == 0.0 and byte_entropy(b"ab") == 0.25
+    assert order0_bytes(b"") == 0.0 and order0_bytes(b"aaaa") == 0.0 and order0_bytes(b"ab") == 0.25
+    assert order0_bytes(q) == order0_bytes(q.tobytes())  # codes and their int8 bytes: the same histogram
 
 
 def test_custom_codes_codecs_have_no_estimate():
     from golfquant.codec import CODES_CODECS, CodesCodec, register_codes_codec
     register_codes_codec("test-raw", CodesCodec(lambda a, b: a.tobytes(), None))
     try:
-        assert estimate_section_bytes(np.zeros((2, 2), np.int8), 4)[("test-raw", None)] is None
+        assert estimate_codes_section(np.zeros((2, 2), np.int8), 4).bytes[("test-raw", None)] is None
     finally:
         CODES_CODECS.pop("test-raw")
 

@@ -16,7 +16,7 @@ decoder rebuilds the tables from these parameters with only + - * / and sqrt in 
 identical on every machine), then rounds them to 16-bit frequencies.
 
 Public: encode_codes / decode_codes; estimate_encoded_bytes (size without coding); fit_size_model (the chosen
-model, frozen, to re-price changed codes with one table look-up per code, for search loops); size_breakdown.
+model, to read its estimate and then encode without fitting again); size_breakdown.
 
 Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
 e of the row-major flattening goes to lane e % W at step e // W, so encode and decode are numpy ops across
@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from golfquant.codec.entropy import row_bits
 from golfquant.errors import ArtifactError, OptionError
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, qmax
 
 VERSION = 1
 _KIND_EMPTY, _KIND_PARAMETRIC, _KIND_ORDER0, _KIND_SPLIT = 0, 1, 2, 3
@@ -64,13 +66,9 @@ _NEIGHBOURS = (-4, -3, -2, -1, 1, 2, 3, 4)  # positions in the row sort searched
 _RANS_LOSS = 0.0002  # bytes per symbol and ideal bit (up to 2) that a stream spends above its ideal size (measured)
 
 
-def _qmax(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
 def _check_bits(bits, err) -> int:
-    if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
-        raise err(f"code width bits={bits!r} is not supported; use an integer in 2..8")
+    if not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
+        raise err(f"code width bits={bits!r} is not supported; use an integer in {MIN_BITS}..{MAX_BITS}")
     return int(bits)
 
 
@@ -108,7 +106,7 @@ def _quantize(p: np.ndarray, total: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _parametric_freq(bits: int, nu_index: int) -> np.ndarray:
     """[K, S] frequencies (sum 2^16 per row) of the discretized t law for every width class."""
-    r = _qmax(bits)
+    r = qmax(bits)
     k = np.arange(_K)
     widths = np.ldexp(_ROOTS[k % _OCTAVE], k // _OCTAVE - _K_UNIT // _OCTAVE)
     edges = (np.arange(-r, r) + 0.5)[None, :] / widths[:, None]
@@ -293,8 +291,9 @@ def _decode_values(r: _Reader, n: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """One candidate model: header + side bytes, symbols, per-element class, frequency table, ideal coded bits."""
+class _CodingModel:
+    """One way to code a symbol matrix: header + side bytes, the symbols, each symbol's frequency row (class),
+    the frequency tables, and the ideal coded bits under them."""
 
     prefix: bytes
     sym: np.ndarray
@@ -304,19 +303,10 @@ class _Plan:
 
     @property
     def estimated_bytes(self) -> float:
-        return self.bytes_for(self.bits)
-
-    def bytes_for(self, bits: float) -> float:
-        """Blob size for streams of `bits` ideal bits: 4 flush bytes per lane, plus the loss of 16-bit
-        probabilities on 32-bit states (measured)."""
+        """Blob size: the ideal bits, 4 flush bytes per lane, and the loss of 16-bit probabilities on 32-bit
+        states (measured)."""
         n = self.sym.size
-        return len(self.prefix) + 4 * _lanes(n) + bits / 8 + _RANS_LOSS * n * min(bits / n, 2.0)
-
-    def price(self, sym: np.ndarray) -> float:
-        """Ideal bits of other symbols under this plan's frozen classes and tables (a symbol the table
-        lacks is priced at one count in 2^16)."""
-        cost = -np.log2(np.maximum(self.freq, 1) / _M)
-        return float(cost[self.cls, sym.ravel()].sum())
+        return len(self.prefix) + 4 * _lanes(n) + self.bits / 8 + _RANS_LOSS * n * min(self.bits / n, 2.0)
 
     def encode(self) -> bytes:
         return self.prefix + _rans_encode(self.sym, self.cls, self.freq)
@@ -383,13 +373,13 @@ def _refine(sym: np.ndarray, a: np.ndarray, offset: np.ndarray, cost: np.ndarray
     return np.clip(a + best, 0, 255)
 
 
-def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _Plan:
+def _parametric_model(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _CodingModel:
     """t-law model with optional row and column width bytes."""
-    absq = np.abs(sym - _qmax(bits)).astype(np.float64)
+    absq = np.abs(sym - qmax(bits)).astype(np.float64)
     la, lb = _log_means(absq, rows, cols)
     a = _to_bytes(la) if rows else np.zeros(sym.shape[0], np.int64)
     b = _to_bytes(lb) if cols else np.zeros(sym.shape[1], np.int64)
-    nsym = 2 * _qmax(bits) + 1
+    nsym = 2 * qmax(bits) + 1
     k0 = a[:, None] + b[None, :]
     mean = absq.mean()
     typical = np.log2(mean) * _OCTAVE if mean > 0 else -_K_UNIT
@@ -415,34 +405,35 @@ def _parametric_plan(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _Pla
         prefix += _encode_values(a)
     if cols:
         prefix += _encode_values(b)
-    return _Plan(prefix, sym.ravel(), np.clip(k0.ravel() + shift, 0, _K - 1), _parametric_freq(bits, nu_i), coded)
+    return _CodingModel(prefix, sym.ravel(), np.clip(k0.ravel() + shift, 0, _K - 1), _parametric_freq(bits, nu_i),
+                        coded)
 
 
-def _order0_plan(sym: np.ndarray, bits: int) -> _Plan:
-    counts = np.bincount(sym.ravel(), minlength=2 * _qmax(bits) + 1)
-    plans = []
+def _order0_model(sym: np.ndarray, bits: int) -> _CodingModel:
+    counts = np.bincount(sym.ravel(), minlength=2 * qmax(bits) + 1)
+    candidates = []
     for prec in (12, 14, 16):
         table, freq = _table_bytes(counts, prec)
         with np.errstate(divide="ignore"):
             coded = float((counts * -np.log2(np.where(freq > 0, freq, 1) / _M)).sum())
-        plans.append(_Plan(bytes([_KIND_ORDER0]) + table, sym.ravel(), np.zeros(sym.size, np.int64),
-                           freq[None], coded))
-    return min(plans, key=lambda p: p.estimated_bytes)
+        candidates.append(_CodingModel(bytes([_KIND_ORDER0]) + table, sym.ravel(), np.zeros(sym.size, np.int64),
+                                       freq[None], coded))
+    return min(candidates, key=lambda m: m.estimated_bytes)
 
 
-def _best_plan(q: np.ndarray, bits: int) -> _Plan:
+def _best_model(q: np.ndarray, bits: int) -> _CodingModel:
     """Smallest of: stored order-0 table, t-law with no / row / column / row+column widths."""
-    sym = q.astype(np.int64) + _qmax(bits)
-    plans = [_order0_plan(sym, bits)]
-    plans += [_parametric_plan(sym, bits, rows, cols) for rows in (False, True) for cols in (False, True)]
-    return min(plans, key=lambda p: p.estimated_bytes)
+    sym = q.astype(np.int64) + qmax(bits)
+    candidates = [_order0_model(sym, bits)]
+    candidates += [_parametric_model(sym, bits, rows, cols) for rows in (False, True) for cols in (False, True)]
+    return min(candidates, key=lambda m: m.estimated_bytes)
 
 
 def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
     """Decode the rest of `r` (an order-0 or parametric body) into [rows, cols] codes."""
     kind = r.u8()
     n = rows * cols
-    qm = _qmax(bits)
+    qm = qmax(bits)
     if kind == _KIND_PARAMETRIC:
         flags, nu_i = r.u8(), r.u8()
         if flags > 3 or nu_i >= len(_NUS):
@@ -465,14 +456,6 @@ def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
 # ---------------------------------------------------------------- near-duplicate rows
 
 
-def _row_entropy_bits(sym: np.ndarray, nsym: int) -> np.ndarray:
-    """count x H(row) for each row of a symbol matrix."""
-    rows, cols = sym.shape
-    hist = np.bincount((sym + nsym * np.arange(rows)[:, None]).ravel(), minlength=rows * nsym).reshape(rows, nsym)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(hist > 0, hist * np.log2(cols / hist), 0.0).sum(axis=1)
-
-
 def _wrap(d: np.ndarray, r: int) -> np.ndarray:
     """Map an integer into [-r, r] modulo 2r+1 (the residual of two close codes stays small)."""
     return (d + r) % (2 * r + 1) - r
@@ -490,7 +473,7 @@ def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
     ref = np.full(rows, -1, np.int64)
     if rows < 2:
         return ref
-    r = _qmax(bits)
+    r = qmax(bits)
     x = q.astype(np.int64)
     probe = np.random.default_rng(0).choice(np.array([-1, 1], np.int64), q.shape[1])
     order = np.argsort(x @ probe, kind="stable")
@@ -504,8 +487,7 @@ def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
         ok = (cand < index) & (index - cand < 1 << 16) & (l1 < best_l1)
         best = np.where(ok, cand, best)
         best_l1 = np.where(ok, l1, best_l1)
-    nsym = 2 * r + 1
-    gain = _row_entropy_bits(x + r, nsym) - _row_entropy_bits(_wrap(x - x[best], r) + r, nsym)
+    gain = row_bits(x) - row_bits(_wrap(x - x[best], r))
     use = (best_l1 < np.iinfo(np.int64).max) & (gain > 32)
     ref[use] = best[use]
     return ref
@@ -533,7 +515,7 @@ def _decode_refs(r: _Reader, rows: int) -> np.ndarray:
 def _split_parts(q: np.ndarray, bits: int, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows without a reference, and the wrapped residuals of the others."""
     has = ref >= 0
-    resid = _wrap(q[has].astype(np.int64) - q[ref[has]].astype(np.int64), _qmax(bits))
+    resid = _wrap(q[has].astype(np.int64) - q[ref[has]].astype(np.int64), qmax(bits))
     return q[~has], resid.astype(np.int8)
 
 
@@ -545,7 +527,7 @@ def _as_matrix(codes, bits: int) -> np.ndarray:
     q = np.asarray(codes)
     if q.dtype != np.int8:
         raise OptionError(f"codes must be int8, got {q.dtype}; cast the quantized codes to int8")
-    r = _qmax(bits)
+    r = qmax(bits)
     if q.size and (int(q.min()) < -r or int(q.max()) > r):
         raise OptionError(f"codes lie outside [-{r}, {r}] for bits={bits}; quantize with this width first")
     return q.reshape(-1, q.shape[-1] if q.ndim else 1) if q.size else q.reshape(0, 0)
@@ -553,60 +535,48 @@ def _as_matrix(codes, bits: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SizeModel:
-    """The model encode_codes chooses for some codes, frozen.
+    """What encode_codes chooses for some codes: the blob head and one coding model per coded part.
 
-    estimated_bytes: the size of encode_codes(codes) (within ~0.3%). estimate(other): the size of other codes
-    of the same shape under this frozen model (one table look-up per code, ~100x cheaper than refitting), an
-    upper bound up to ~0.3% on what encode_codes(other) gives when the change is small (e.g. pruning a few
-    codes to zero): a refit can only do better. Search loops fit once and price candidates with estimate().
+    estimated_bytes is the size of encode_codes(codes) (within ~0.3%); encode() writes it without fitting again.
     """
 
     bits: int
     shape: tuple[int, int]
-    head: bytes  # the kind and row references of a split or empty blob (nothing for a single plan)
+    head: bytes  # the kind and row references of a split or empty blob (nothing for a single part)
     ref: np.ndarray | None
-    plans: tuple[_Plan, ...]
+    parts: tuple[_CodingModel, ...]  # the whole tensor, or the unreferenced rows then the residuals
 
     @property
     def estimated_bytes(self) -> float:
-        return _ENVELOPE + len(self.head) + self._length_bytes + sum(p.estimated_bytes for p in self.plans)
+        return _ENVELOPE + len(self.head) + self._length_bytes + sum(p.estimated_bytes for p in self.parts)
 
     @property
     def _length_bytes(self) -> int:
-        return len(_varints(np.array([round(self.plans[0].estimated_bytes)]))) if self.ref is not None else 0
-
-    def estimate(self, codes) -> float:
-        q = _as_matrix(codes, self.bits)
-        if q.shape != self.shape:
-            raise OptionError(f"codes of shape {q.shape} priced with a size model fitted to {self.shape}; refit")
-        parts = [q] if self.ref is None else _split_parts(q, self.bits, self.ref)
-        r = _qmax(self.bits)
-        priced = sum(p.bytes_for(p.price(part.astype(np.int64) + r)) for p, part in zip(self.plans, parts))
-        return _ENVELOPE + len(self.head) + self._length_bytes + priced
+        return len(_varints(np.array([round(self.parts[0].estimated_bytes)]))) if self.ref is not None else 0
 
     def encode(self) -> bytes:
-        if not self.plans:
+        if not self.parts:
             body = self.head
         elif self.ref is None:
-            body = self.plans[0].encode()
+            body = self.parts[0].encode()
         else:
-            roots_blob = self.plans[0].encode()
-            body = self.head + _varints(np.array([len(roots_blob)])) + roots_blob + self.plans[1].encode()
+            roots_blob = self.parts[0].encode()
+            body = self.head + _varints(np.array([len(roots_blob)])) + roots_blob + self.parts[1].encode()
         return bytes([VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
 
 
 def fit_size_model(codes, bits: int) -> SizeModel:
-    """Choose the model for codes: the best single plan, or (where rows repeat) the root/residual split."""
+    """Choose the model for codes: the best single coding model, or (where rows repeat) the root/residual split."""
     bits = _check_bits(bits, OptionError)
     q = _as_matrix(codes, bits)
     if q.size == 0:
         return SizeModel(bits, q.shape, bytes([_KIND_EMPTY]), None, ())
-    models = [SizeModel(bits, q.shape, b"", None, (_best_plan(q, bits),))]
+    models = [SizeModel(bits, q.shape, b"", None, (_best_model(q, bits),))]
     ref = _row_refs(q, bits)
     if (ref >= 0).any():
         roots, resid = _split_parts(q, bits, ref)
         head = bytes([_KIND_SPLIT]) + _encode_refs(ref)
-        models.append(SizeModel(bits, q.shape, head, ref, (_best_plan(roots, bits), _best_plan(resid, bits))))
+        models.append(SizeModel(bits, q.shape, head, ref, (_best_model(roots, bits), _best_model(resid, bits))))
     return min(models, key=lambda m: m.estimated_bytes)
 
 
@@ -630,11 +600,11 @@ _KIND_NAMES = {_KIND_ORDER0: "order0", _KIND_PARAMETRIC: "parametric"}
 
 def size_breakdown(codes, bits: int) -> SizeBreakdown:
     m = fit_size_model(codes, bits)
-    if not m.plans:
+    if not m.parts:
         return SizeBreakdown("empty", _ENVELOPE + len(m.head), 0.0, m.estimated_bytes)
-    kind = "split" if m.ref is not None else _KIND_NAMES[m.plans[0].prefix[0]]
-    model = _ENVELOPE + len(m.head) + sum(len(p.prefix) for p in m.plans)
-    return SizeBreakdown(kind, model, sum(p.bits for p in m.plans) / 8, m.estimated_bytes)
+    kind = "split" if m.ref is not None else _KIND_NAMES[m.parts[0].prefix[0]]
+    model = _ENVELOPE + len(m.head) + sum(len(p.prefix) for p in m.parts)
+    return SizeBreakdown(kind, model, sum(p.bits for p in m.parts) / 8, m.estimated_bytes)
 
 
 def encode_codes(codes, bits: int) -> bytes:
@@ -677,7 +647,7 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
     nroots = rows - int(has.sum())
     q[~has] = _decode_plain(sub, nroots, cols, bits)
     q[has] = _decode_plain(r, rows - nroots, cols, bits)
-    qm = _qmax(bits)
+    qm = qmax(bits)
     for i in np.flatnonzero(has):  # references point backwards, so row order resolves them
         q[i] = _wrap(q[i] + q[ref[i]], qm)
     return q.astype(np.int8).reshape(shape)

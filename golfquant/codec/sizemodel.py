@@ -5,7 +5,7 @@ candidates with estimates and compress only the promising ones:
 
 * rans (codes codec): `golfquant.codec.rans.fit_size_model`, within ~0.3% of the real size; the fitted model is
   kept, so encoding the chosen candidate does not fit it again.
-* byte codecs: FACTORS[codec] x the order-0 byte entropy of the packed (or shuffled) stream. The factors are the
+* byte codecs: FACTORS[codec] x the order-0 entropy of the packed (or shuffled) byte stream. The factors are the
   median real/entropy ratios measured by benchmarks/codecs.py on trained and synthetic codes (int2..int8, every
   layout); there the estimate is within a few % (LZ codecs exploit repeated rows that an order-0 entropy does not
   see, so near-duplicate embeddings compress up to ~10% below it). `none` is exact.
@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from golfquant.codec import BYTE_CODECS, CODES_CODECS
+from golfquant.codec.entropy import order0_bits
 from golfquant.codec.rans import SizeModel, fit_size_model
 from golfquant.pack import layouts_for, pack_codes
 
@@ -31,20 +32,17 @@ FACTORS = {"zlib": 1.17, "zstd": 1.016, "brotli": 1.012, "lzma": 1.045}
 RANS = "rans"
 
 
-def byte_entropy(data: bytes) -> float:
-    """Order-0 entropy of a byte string, in bytes."""
-    if not data:
-        return 0.0
-    counts = np.bincount(np.frombuffer(data, np.uint8), minlength=256).astype(np.float64)
-    nz = counts[counts > 0]
-    return float((nz * np.log2(len(data) / nz)).sum()) / 8.0
+def order0_bytes(values) -> float:
+    """Order-0 entropy of int8 codes or of a byte string, in bytes (np.bincount: ~10 ns per value)."""
+    return order0_bits(values) / 8
 
 
 def estimate_stream_bytes(data: bytes, codec: str, entropy: float | None = None) -> float:
-    """Estimated compressed bytes of `data` under a byte codec (exact for `none`)."""
+    """Estimated compressed bytes of `data` under a byte codec (exact for `none`); `entropy`: order0_bytes(data)
+    when the caller has it already."""
     if codec == "none":
         return float(len(data))
-    return FACTORS.get(codec, 1.0) * (byte_entropy(data) if entropy is None else entropy)
+    return FACTORS.get(codec, 1.0) * (order0_bytes(data) if entropy is None else entropy)
 
 
 @dataclass
@@ -84,7 +82,7 @@ def estimate_codes_section(codes: np.ndarray, bits: int, byte_codecs: Iterable[s
             continue
         seen.add(packed)
         est.streams[layout] = packed
-        entropy = byte_entropy(packed)
+        entropy = order0_bytes(packed)
         for codec in byte_codecs:
             est.bytes[(codec, layout)] = estimate_stream_bytes(packed, codec, entropy)
     for codec in codes_codecs:
@@ -96,29 +94,12 @@ def estimate_codes_section(codes: np.ndarray, bits: int, byte_codecs: Iterable[s
     return est
 
 
-def estimate_section_bytes(codes, bits: int, byte_codecs: Iterable[str] | None = None,
-                           codes_codecs: Iterable[str] | None = None,
-                           layouts: Iterable[str] | None = None) -> dict[Candidate, float | None]:
-    """{(codec, layout): estimated bytes} for one codes section (None: a codes codec without an estimator)."""
-    return estimate_codes_section(np.asarray(codes), bits, byte_codecs, codes_codecs, layouts).bytes
-
-
-def order0_bytes(codes) -> float:
-    """Order-0 entropy of int8 codes in bytes (np.bincount: ~10 ns per code)."""
-    flat = np.asarray(codes).reshape(-1)
-    if flat.size == 0:
-        return 0.0
-    counts = np.bincount(flat.view(np.uint8), minlength=256).astype(np.float64)
-    nz = counts[counts > 0]
-    return float((nz * np.log2(flat.size / nz)).sum()) / 8.0
-
-
 @dataclass(frozen=True)
 class ScaledEntropyPricer:
     """Prices changed codes of one section: their order-0 entropy times (real bytes / entropy) of the codes the
-    section was compressed from. Pruning search loops use it: unlike a frozen rans model (SizeModel.estimate), which
-    keeps the old tables and so under-credits large changes of the histogram (zeroing 30% of the codes), it follows
-    the histogram as a refit coder would; the ratio carries the coder's gain over order-0 (row/column widths)."""
+    section was compressed from. Pruning search loops use it: it follows the histogram as a refit coder would (a
+    model frozen with the old tables under-credits large changes, such as zeroing 30% of the codes), and the ratio
+    carries the coder's gain over order-0 (row/column widths)."""
 
     ratio: float
 

@@ -12,11 +12,23 @@ Clip spec grammar (`parse_clip`): ``METHOD[:ARGS]``, ARGS comma-separated, posit
   (100) and ``maxshrink`` (0.8): per row, try c = p·max|w_row| for p = 1 - i/grid, i < maxshrink·grid, and
   keep the p minimising sum_j |w_j - q_j·s|^NORM at the fp16-rounded scale (ties keep the larger p).
 * ``sdclip[:K]`` or ``sdclip:mlp=K,attn=K,embed=K,other=K,control=K,default=K``: c = k·std(w_row) (unbiased
-  std, as in the records), k chosen by the tensor's role. A positional K is ``default=K``. Roles not named
-  use ``default`` if it is given, else the 04-14 record constants (mlp 12, attn 13, embed 15, other 12.85),
-  which were tuned for int6 matrices and int7 embeddings: for another width b they are scaled by
-  2^(b - record width), the records' own equivalence (b, k) ~ (b+1, 2k), so that the quantization step k·σ/qmax
-  stays the record's (bare ``sdclip`` at int4 clips MLP rows at 3σ, not 12σ). An explicit K is used as given.
+  std, as in the records), k chosen by the tensor's role. A positional K is ``default=K``. An explicit K is used
+  as given. Roles not named use ``default`` if it is given, else the records' constants (`RECORD_K`;
+  `record_k`):
+
+  ======== ===================== =================================================
+  role     width: k              record
+  ======== ===================== =================================================
+  mlp      int6: 12              04-14 (MLP_CLIP_SIGMAS)
+  attn     int6: 13              04-14 (ATTN_CLIP_SIGMAS)
+  embed    int7: 15, int8: 20    04-14 (EMBED_BITS=7), 04-05 SDClip (EMBED_CLIP_SIGMAS)
+  default  int6: 12.85           04-05 and 04-14 (MATRIX_CLIP_SIGMAS): other, control
+  ======== ===================== =================================================
+
+  At a width the records used for that role, k is theirs (bare ``sdclip`` at an int8 embedding gives 20, at
+  int7 15). At another width b it is the k of the nearest record width w scaled by 2^(b - w), the records' own
+  equivalence (b, k) ~ (b+1, 2k), so that the quantization step k·σ/qmax stays that record's (bare ``sdclip``
+  at int4 clips MLP rows at 3σ, not 12σ; an int6 embedding gets 7.5).
 * ``hsdclip[:K[,LAMBDA]]`` (same role keys, plus ``lambda``, default 0.175): Hessian-aware SDClip,
   c_i = k·σ_i·[1 + λ(r_i - 1)], r_i = mean_j(|W_ij|·col_imp_j) normalised to mean 1 over rows,
   col_imp = diag(H) / mean(diag(H)). Needs the tensor's Hessian. 0 <= λ <= 1 keeps every clip >= 0.
@@ -43,13 +55,13 @@ from dataclasses import dataclass
 
 import torch
 
+from golfquant.codec.entropy import order0_bits
 from golfquant.errors import OptionError
 from golfquant.quant.qtensor import qmax
 
 ROLE_KEYS = ("mlp", "attn", "embed", "other", "control")
-# 04-14 record constants: MLP 12, attention 13, int7 embeddings 15, everything else 12.85.
-RECORD_K = {"mlp": 12.0, "attn": 13.0, "embed": 15.0, "default": 12.85}
-RECORD_K_BITS = {"mlp": 6, "attn": 6, "embed": 7, "default": 6}  # the widths those constants were tuned for
+# The records' SDClip k: role (or "default") -> {code width: k} (module docstring).
+RECORD_K = {"mlp": {6: 12.0}, "attn": {6: 13.0}, "embed": {7: 15.0, 8: 20.0}, "default": {6: 12.85}}
 RECORD_LAMBDA = 0.175  # 04-06 record (HESSIAN_CLIP_LAMBDA)
 SCALE_MIN = 2.0**-24
 SCALE_MAX = 65504.0
@@ -74,17 +86,25 @@ class ClipSpec:
     norm: float = 2.4
     grid: int = 100
     maxshrink: float = 0.8
-    k: tuple[tuple[str, float], ...] = ()  # (role or "default", k), in ROLE_KEYS order then default
+    k: tuple[tuple[str, float], ...] = ()  # explicit (role or "default", k), in ROLE_KEYS order then default
     lam: float = 0.0
     target_bpw: float | None = None
-    record_keys: tuple[str, ...] = ()  # k entries taken from RECORD_K, scaled with the width
 
-    def k_for(self, role: str | None, bits: int | None = None) -> float:
-        table = dict(self.k)
-        key = role if role in table else "default"
-        if key in self.record_keys and bits is not None:
-            return table[key] * 2.0 ** (bits - RECORD_K_BITS[key])
-        return table[key]
+    def k_for(self, role: str | None, bits: int) -> float:
+        """The SDClip k of a tensor of `role` at width `bits`: explicit, else the explicit default, else the
+        records' (record_k)."""
+        explicit = dict(self.k)
+        if role in explicit:
+            return explicit[role]
+        if "default" in explicit:
+            return explicit["default"]
+        return record_k(role if role in RECORD_K else "default", bits)
+
+    def k_by_role(self, bits: int) -> dict[str, float]:
+        """k of every role at width `bits`, as the clip resolves it ({} for methods without k)."""
+        if self.method not in ("sdclip", "hsdclip"):
+            return {}
+        return {role: self.k_for(role, bits) for role in ROLE_KEYS}
 
     def __str__(self) -> str:
         """Canonical text: parse_clip(str(spec)) == spec."""
@@ -96,10 +116,18 @@ class ClipSpec:
             return f"mse:norm={self.norm!r},grid={self.grid},maxshrink={self.maxshrink!r}"
         if self.method == "size":
             return "size" if self.target_bpw is None else f"size:{self.target_bpw!r}"
-        args = [f"{role}={k!r}" for role, k in self.k if role not in self.record_keys]
+        args = [f"{role}={k!r}" for role, k in self.k]
         if self.method == "hsdclip":
             args.append(f"lambda={self.lam!r}")
         return f"{self.method}:{','.join(args)}" if args else self.method
+
+
+def record_k(role_key: str, bits: int) -> float:
+    """The records' k for a key of RECORD_K at width `bits`: theirs at a width they used, else that of
+    the nearest record width w (the narrower on a tie) times 2^(bits - w)."""
+    by_width = RECORD_K[role_key]
+    width = min(by_width, key=lambda w: (abs(w - bits), w))
+    return by_width[width] * 2.0 ** (bits - width)
 
 
 def parse_clip(text: str) -> ClipSpec:
@@ -176,11 +204,8 @@ def _sdclip_spec(text: str, method: str, values: dict[str, float]) -> ClipSpec:
     for key, k in values.items():
         if k <= 0:
             raise OptionError(f"clip {text!r}: {key} k must be > 0 (records use 11.5..20)")
-    # Unnamed roles follow an explicit default, else the record's per-role constants.
-    table = dict(values) if "default" in values else {**RECORD_K, **values}
-    k = tuple((role, table[role]) for role in _K_KEYS if role in table)
-    record_keys = tuple(role for role, _ in k if role not in values)
-    return ClipSpec(method, k=k, lam=lam if method == "hsdclip" else 0.0, record_keys=record_keys)
+    k = tuple((role, values[role]) for role in _K_KEYS if role in values)
+    return ClipSpec(method, k=k, lam=lam if method == "hsdclip" else 0.0)
 
 
 def round_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -191,11 +216,8 @@ def round_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tenso
 
 def entropy_bits(codes: torch.Tensor) -> float:
     """Order-0 empirical entropy of int8 codes, in bits per code (0.0 for an empty tensor)."""
-    counts = torch.bincount(codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
-    if counts.sum() == 0:
-        return 0.0
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * torch.log2(p)).sum())
+    n = codes.numel()
+    return order0_bits(codes.detach().cpu().numpy()) / n if n else 0.0
 
 
 def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor | None) -> float:

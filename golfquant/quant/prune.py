@@ -1,15 +1,16 @@
 """Selective ±1 pruning (brief §2.9): zero the cheapest ±1 codes until the codes fit a byte target.
 
-Cost of zeroing code (i, j) of a row with scale s_i: the increase of the Hessian-weighted error tr(E H Eᵀ), which
-for one code is s_i² · H_jj when the code was rounded from near ±s_i/2.. ±s_i (exactly s_i² H_jj + 2 s_i e_ij H_jj
-with its rounding error e_ij; the records drop the cross term, and so do we, which keeps the order independent of
-the float weights). Without a Hessian H_jj is a constant: the caller's `h_default` (e.g. the median mean(diag H)
-of the tensors that have one), so both kinds compete in one order. Only codes equal to ±1 are touched, and only
+Cost of zeroing code q_ij = ±1 of a row with scale s_i: s_i² · H_jj, the diagonal part of the increase of the
+Hessian-weighted error tr(E H Eᵀ) (the exact increase adds 2 q_ij s_i (E H)_ij; the records, whose cost is s_i²,
+drop such terms, and so do we, which keeps the order independent of the float weights). Without a Hessian H_jj is
+a constant: the caller's `h_default` (e.g. the median mean(diag H) of the tensors that have one), so both kinds
+compete in one order. Only codes equal to ±1 are touched, and only
 to 0. The global order is by cost, then by tensor, then by element index: deterministic.
 
-Bytes come from per-tensor pricing functions (the caller's frozen size models, golfquant.codec.rans.SizeModel),
-so a probe re-prices codes without refitting; `prune_to_bytes` binary-searches the number of pruned codes.
-The caller confirms with real compression and calls again with a lower target if the real size is still over.
+Bytes come from per-tensor pricing functions, codes -> bytes, that must follow the codes' histogram (the budget
+search passes golfquant.codec.sizemodel.ScaledEntropyPricer: the order-0 entropy of the codes times the real/entropy
+ratio of the tensor's last encoding); `prune_to_bytes` binary-searches the number of pruned codes. The caller
+confirms by encoding and calls again with the target moved by the real size's excess (or shortfall).
 """
 from __future__ import annotations
 

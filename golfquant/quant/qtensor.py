@@ -1,8 +1,9 @@
 """The quantized-tensor value type shared by quantizers, packers, the artifact and the kernels.
 
 Codes are symmetric integers in [-qmax(bits), qmax(bits)] held in int8; scales are fp16, one per output row
-(shape codes.shape[:-1]). Dequantization is one fp32 product rounded once to the output dtype, so the torch
-reference and the Triton kernels agree bit for bit.
+(shape codes.shape[:-1]). Dequantization is one fp32 product, plus for LQER the fp32 sum of A @ B's rank-1 terms
+in order (kernels.lowrank_reference, the order the Triton kernel and the exported loader use too), rounded once to
+the output dtype, so every path agrees bit for bit.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_BITS, MAX_BITS = 2, 8
+from kernels.dequant import MAX_BITS, MIN_BITS, lowrank_reference  # the widths and LQER sum the kernels decode
 
 
 def qmax(bits: int) -> int:
@@ -20,13 +21,19 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def lqer_b_scale_count(rank: int, cols: int, group: int) -> int:
+    """Number of B's group scales: ceil(rank * cols / group), in integers (exact at any size)."""
+    return -(-rank * cols // group)
+
+
 @dataclass
 class LowRankFactors:
     """LQER correction W ~ q*s + A @ B, with A [rows, r] and B [r, cols] stored quantized.
 
     a_codes: int8 [rows, r] with one fp16 scale for the whole matrix (a_scale, shape []);
     b_codes: int8 [r, cols] with fp16 scales per group of `group` consecutive elements of B flattened
-    (b_scales, shape [ceil(r*cols/group)]).
+    (b_scales, shape [lqer_b_scale_count(r, cols, group)]). A and B are exact in fp32 (an int8 code times an
+    fp16 scale); their product is not, so its summation order is fixed (product).
     """
 
     a_codes: torch.Tensor
@@ -42,11 +49,13 @@ class LowRankFactors:
 
     def b(self) -> torch.Tensor:
         flat = self.b_codes.reshape(-1).to(torch.float32)
-        group_of = torch.arange(flat.numel()) // self.group  # indexing, not repeat: a forged huge group costs nothing
+        # indexing, not repeat: a forged huge group costs nothing
+        group_of = torch.arange(flat.numel(), device=flat.device) // self.group
         return (flat * self.b_scales.to(torch.float32)[group_of]).reshape(self.b_codes.shape)
 
     def product(self) -> torch.Tensor:
-        return self.a() @ self.b()
+        """A @ B in fp32, rank-1 terms summed in order (a BLAS matmul sums in an order of its own)."""
+        return lowrank_reference(self.a(), self.b())
 
 
 @dataclass

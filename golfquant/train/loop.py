@@ -34,7 +34,8 @@ from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens, read_shard
 from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
-from golfquant.model import GPT, CastedLinear, GPTConfig, is_control_tensor
+from golfquant.model import GPT, CastedLinear, GPTConfig
+from golfquant.plan import is_control_tensor
 from golfquant.train import distributed
 from golfquant.train.distributed import DistEnv
 from golfquant.train.muon import Muon, muon_momentum

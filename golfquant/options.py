@@ -1,0 +1,77 @@
+"""What to quantize and how: one frozen object, validated and resolved when it is made.
+
+`clip` may be given as spec text ("sdclip:12.85,embed=20"); it is parsed once, here, into a ClipSpec. Which roles,
+clip and float tensors the user fixed under a budget are explicit fields, not inferred from defaults: the CLI sets
+them from the flags typed. An impossible combination raises OptionError at construction, so no later step sees it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from golfquant.calib import CalibConfig
+from golfquant.errors import OptionError
+from golfquant.plan import PlanOptions
+from golfquant.quant.clip import ClipSpec, parse_clip
+from golfquant.quant.lqer import LqerOptions
+from golfquant.quant.quantize import HESSIAN_CLIPS, METHODS, Quantizer
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """With `budget` (decimal bytes of artifact + code) golfquant.budget chooses every free tensor's storage (fp16,
+    or a width, clip and LQER correction) by measured damage; tensors of the roles in `fixed_roles` and tensors
+    matched by a plan rule keep the plan's scheme; with `fixed_clip` the clip is the given one (only widths are
+    free); with `fixed_float` the float-size convention (`plan.float_max_numel`) still keeps small tensors in fp16.
+    With `prune_to_budget` the plan is kept as it is and the cheapest ±1 codes are zeroed until it fits."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    method: str = "gptq"
+    clip: ClipSpec = parse_clip("amax")  # spec text is accepted and parsed
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    block_size: int = 128
+    act_order: bool = True
+    damp: float = 0.01
+    lqer: LqerOptions = field(default_factory=LqerOptions)
+    num_heads: int | None = None
+    model_spec: str | None = None
+    model_args: dict | None = None
+    budget: int | None = None
+    prune_to_budget: bool = False
+    fixed_roles: tuple[str, ...] = ()
+    fixed_clip: bool = False
+    fixed_float: bool = False
+    exhaustive: bool = False  # compress every section with every codec x layout
+    sequential: bool = False  # block i's Hessians collected with blocks 0..i-1 already quantized
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, str):
+            object.__setattr__(self, "clip", parse_clip(self.clip))
+        object.__setattr__(self, "fixed_roles", tuple(self.fixed_roles))
+        if self.method not in METHODS:
+            raise OptionError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.damp < 0 or self.block_size < 1:
+            raise OptionError(f"damp must be >= 0 and block size >= 1, got {self.damp} and {self.block_size}")
+        if self.prune_to_budget and self.budget is None:
+            raise OptionError("--prune-to-budget needs --budget BYTES (e.g. --budget 16000000)")
+        if self.budget is not None:
+            if self.budget <= 0:
+                raise OptionError(f"budget must be a positive number of bytes, got {self.budget}")
+            if self.clip.method == "size":
+                raise OptionError("--clip size and --budget both choose the size: drop one of them")
+            if self.lqer.top > 0:
+                raise OptionError("--lqer cannot be combined with --prune-to-budget: drop one of them"
+                                  if self.prune_to_budget else
+                                  "--budget buys LQER corrections per tensor where they pay: drop --lqer")
+            if self.sequential:
+                raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
+        if self.sequential and self.method != "gptq":
+            raise OptionError("--sequential quantizes block by block with GPTQ: add --method gptq")
+
+    @property
+    def needs_hessians(self) -> bool:
+        return (self.method == "gptq" or self.clip.method in HESSIAN_CLIPS or self.lqer.top > 0
+                or (self.budget is not None and not self.prune_to_budget))
+
+    @property
+    def quantizer(self) -> Quantizer:
+        return Quantizer(self.method, self.block_size, self.act_order, self.damp)
