@@ -81,7 +81,7 @@ def test_uniform_setting_keeps_the_step_and_bounds_the_clip():
     a, b = uniform_setting(0.999), uniform_setting(1.0)
     assert (a.bits, b.bits) == (6, 5)
     # across a width switch the step (k / qmax) barely moves: the clip range halves with the width
-    ka, kb = (float(s.clip.split("default=")[1]) for s in (a, b))
+    ka, kb = (float(s.clip.split("mlp=")[1].split(",")[0]) for s in (a, b))
     assert kb / ka == pytest.approx(0.5, rel=0.01)
     assert uniform_setting(STEP_RANGE[0]).bits == 8 and uniform_setting(STEP_RANGE[1]).bits == 2
 
