@@ -62,7 +62,23 @@ def prepare_eval(ckpt: Checkpoint, val_pattern: str, tokenizer, max_tokens: int 
     return EvalSetup(model, tokens, luts, seq_len)
 
 
-def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: Progress | None = None) -> dict:
+@dataclass
+class RoundtripResult:
+    """The float model and the artifact's dequantized weights, evaluated on the same tokens."""
+
+    float_model: EvalResult
+    quantized: EvalResult
+    seq_len: int
+    stride: int | None
+    packed: bool
+
+    @property
+    def gap_bpb(self) -> float:
+        return self.quantized.val_bpb - self.float_model.val_bpb
+
+
+def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions,
+                   progress: Progress | None = None) -> RoundtripResult:
     """val_loss / val_bpb of the float checkpoint and of the artifact's dequantized weights, on the same tokens."""
     ev = prepare_eval(load_checkpoint(ckpt_path), opts.val_pattern, opts.tokenizer, opts.max_tokens, opts.seq_len,
                       opts.model_spec, opts.num_heads, opts.model_args)
@@ -74,17 +90,7 @@ def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions, progress: P
 
     float_res = run("float")
     load_quantized_weights(model, artifact_path, opts.packed)
-    quant_res = run("quantized")
-    return {
-        "float": {"val_loss": float_res.val_loss, "val_bpb": float_res.val_bpb},
-        "quantized": {"val_loss": quant_res.val_loss, "val_bpb": quant_res.val_bpb},
-        "gap_bpb": quant_res.val_bpb - float_res.val_bpb,
-        "tokens": float_res.tokens,
-        "bytes": float_res.bytes,
-        "seq_len": seq_len,
-        "stride": opts.stride,
-        "packed": opts.packed,
-    }
+    return RoundtripResult(float_res, run("quantized"), seq_len, opts.stride, opts.packed)
 
 
 def load_quantized_weights(model: torch.nn.Module, artifact_path, packed: bool = False) -> None:

@@ -39,7 +39,7 @@ def roundtrip_eval_cmd(artifact, ckpt, val_pattern, tokenizer, max_tokens, seq_l
         max_tokens=max_tokens, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, packed=packed, num_heads=heads,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None)
     with render.stage_progress(enabled=not as_json) as progress:
-        result = roundtrip_eval(artifact, ckpt, opts, progress)
+        result = render.roundtrip_json(roundtrip_eval(artifact, ckpt, opts, progress))
     if as_json:
         render.emit_json(result)
     else:

@@ -66,23 +66,23 @@ def _options(user, model_args: dict, **overrides) -> RoundtripOptions:
 def test_defaults_evaluate_every_token_with_the_models_forward(user):
     source, ckpt, artifact, val = user
     r = roundtrip_eval(artifact, ckpt, _options(user, {"seq_len": 16}))
-    assert (r["seq_len"], r["tokens"]) == (16, (VAL_TOKENS - 1) // 16 * 16)
+    assert (r.seq_len, r.float_model.tokens) == (16, (VAL_TOKENS - 1) // 16 * 16)
     # val_loss written out: the mean cross-entropy of forward(idx) over the contiguous 16-token sequences
     model = load_model_factory(f"{source}:TinyLM", SIZE)()
     model.load_state_dict(load_checkpoint(ckpt).state_dict)
-    tokens = load_tokens(str(val))[:r["tokens"] + 1]
+    tokens = load_tokens(str(val))[:r.float_model.tokens + 1]
     with torch.no_grad():
         loss = F.cross_entropy(model(tokens[:-1].view(-1, 16)).flatten(0, 1), tokens[1:])
-    assert r["float"]["val_loss"] == pytest.approx(float(loss), rel=1e-5)
-    assert r["quantized"] == r["float"]  # a float artifact: the same weights
-    assert math.isfinite(r["float"]["val_bpb"])
+    assert r.float_model.val_loss == pytest.approx(float(loss), rel=1e-5)
+    assert r.quantized == r.float_model  # a float artifact: the same weights
+    assert math.isfinite(r.float_model.val_bpb)
 
 
 @pytest.mark.parametrize("declared", ["seq_len", "train_seq_len"])
 def test_seq_len_is_the_one_the_model_declares_unless_given(user, declared):
     _, ckpt, artifact, _ = user
-    assert roundtrip_eval(artifact, ckpt, _options(user, {declared: 32}, max_tokens=256))["seq_len"] == 32
-    assert roundtrip_eval(artifact, ckpt, _options(user, {declared: 32}, max_tokens=256, seq_len=8))["seq_len"] == 8
+    assert roundtrip_eval(artifact, ckpt, _options(user, {declared: 32}, max_tokens=256)).seq_len == 32
+    assert roundtrip_eval(artifact, ckpt, _options(user, {declared: 32}, max_tokens=256, seq_len=8)).seq_len == 8
 
 
 def test_a_model_that_declares_no_seq_len_needs_one(user):
@@ -90,7 +90,7 @@ def test_a_model_that_declares_no_seq_len_needs_one(user):
     with pytest.raises(OptionError, match="does not state its sequence length.*--seq-len"):
         roundtrip_eval(artifact, ckpt, _options(user, {}, max_tokens=256))
     r = roundtrip_eval(artifact, ckpt, _options(user, {}, max_tokens=256, seq_len=8))
-    assert (r["seq_len"], r["tokens"]) == (8, 256)
+    assert (r.seq_len, r.float_model.tokens) == (8, 256)
 
 
 def test_the_cli_asks_for_seq_len_on_one_line(user):

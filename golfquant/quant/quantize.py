@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from golfquant.quant.clip import ClipSpec, round_codes, row_scales
+from golfquant.quant.clip import ClipSpec, row_scales
 from golfquant.quant.gptq import GPTQStats, PreparedHessian, gptq_quantize, prepare_hessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import QuantizedTensor
+from golfquant.quant.rtn import quantize_rtn
 
 METHODS = ("gptq", "rtn")
 # Clip methods that read the tensor's Hessian; tensors without one fall back to plain k·std clipping.
@@ -44,13 +45,13 @@ class Quantizer:
         w = w.float()
         if clip.method in HESSIAN_CLIPS and hessian is None:
             clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
-        scales = row_scales(w, bits, clip, hessian, role)
         stats = None
         if self.method == "gptq" and hessian is not None:
+            scales = row_scales(w, bits, clip, hessian, role)
             qt, stats = gptq_quantize(w, hessian, bits, scales, self.block_size, self.act_order, self.damp, prepared,
                                       errors)
         else:
-            qt = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
+            qt = quantize_rtn(w, bits, clip, role, hessian)
         if lqer is not None and lqer.rank > 0:
             qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
         return qt, stats
