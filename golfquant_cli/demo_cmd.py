@@ -55,7 +55,7 @@ def demo(out_dir, calib_seqs, max_tokens, as_json):
     roundtrips = {}
     for name in ("records", "model"):
         with render.stage_progress(enabled=not as_json) as progress:
-            roundtrips[name] = roundtrip_eval(out_dir / f"{name}.gqa", ckpt, rt_opts, progress)
+            roundtrips[name] = render.roundtrip_json(roundtrip_eval(out_dir / f"{name}.gqa", ckpt, rt_opts, progress))
     if as_json:
         render.emit_json({"records": render.quantize_json(records, out_dir / "records.gqa"), "quantize": summary,
                           "size_report": report, "roundtrip": roundtrips})

@@ -130,6 +130,14 @@ def print_quantize_summary(summary: dict) -> None:
     console.print(table("quantize", ["", "value"], rows, right=["value"]))
 
 
+def roundtrip_json(r) -> dict:
+    """The `roundtrip-eval --json` object of a golfquant.roundtrip.RoundtripResult."""
+    return {"float": {"val_loss": r.float_model.val_loss, "val_bpb": r.float_model.val_bpb},
+            "quantized": {"val_loss": r.quantized.val_loss, "val_bpb": r.quantized.val_bpb},
+            "gap_bpb": r.gap_bpb, "tokens": r.float_model.tokens, "bytes": r.float_model.bytes,
+            "seq_len": r.seq_len, "stride": r.stride, "packed": r.packed}
+
+
 def print_roundtrip(r: dict) -> None:
     rows = [
         ("float", f"{r['float']['val_loss']:.4f}", fmt_bpb(r["float"]["val_bpb"])),
