@@ -3,6 +3,9 @@
 Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
 section of fp16 scales, one shared section of passthrough tensors per element size, and per-factor code sections for
 LQER. The reader validates everything against the file size before allocating, since artifacts come from strangers.
+
+Writer, validating reader and size report share one module on purpose: they are three readings of one format, and
+keeping them side by side is what keeps a field the writer emits from going unchecked by the reader.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ The batch changes which tokens a seed draws, not their distribution.
 Model contract (ours and user models from `--model FILE.py:CALLABLE`): logits [B, T, V] come from
 `model.forward_logits(idx)` when it exists, else from `model(idx)`. KV-cache decoding is used when the model has
 `decode(idx_new [B, t], cache | None) -> (logits_last [B, V], cache)`.
+
+Generation and Hessian capture share this module because the one-pass calibration collects the Hessians with
+the capture hooks while it generates.
 """
 from __future__ import annotations
 

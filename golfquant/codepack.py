@@ -4,6 +4,7 @@ The challenge counts code bytes + compressed model bytes, and records ship `trai
 The minifier renames nothing (names are behaviour: env vars, getattr, state-dict keys); it drops comments, string
 statements (docstrings and other dead string literals), blank lines and optional spaces, indents one space per level
 and joins simple statements. Its result must parse to the original's AST, string statements aside, or it raises.
+The tokenizer-level minifier and the wrapper live together: the wrapper's size is the minifier's objective.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ unpickles anything from the file: the manifest is JSON, everything else is numbe
 The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
 codecs asked for and splices in the library functions it shares (the LQER b-scale count and A @ B, whose float
 order every dequantization path must follow); the minimal form then renames every local to a short name and
-minifies (golfquant.codepack).
+minifies (golfquant.codepack). Most of this module's length is the loader's own source, one string.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 `final_model.pt` loads with `strict=True`. Forward pass: embed -> rms_norm -> U-Net of blocks with learned skip
 weights -> rms_norm -> tied head -> logit softcap. Linear layers are `CastedLinear`: fp32 weights cast to the
 activation dtype at matmul time, so the same module runs in fp32 on CPU and under bf16 autocast on GPU.
+The config inference from a bare state_dict's shapes sits beside the model: it is the model's layout, read back.
 """
 from __future__ import annotations
 

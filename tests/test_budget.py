@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from golfquant.api import QuantizeResult, quantize_checkpoint
 from golfquant.artifact import artifact_sizes, load_artifact, read_artifact
@@ -16,6 +17,7 @@ from golfquant.errors import OptionError
 from golfquant.measure import Candidate, candidate_grid
 from golfquant.options import QuantizeOptions
 from golfquant.quant.lqer import LqerOptions
+from golfquant_cli.main import cli
 from golfquant.plan import PlanOptions
 from helpers import tiny_checkpoint
 
@@ -183,3 +185,15 @@ def test_prune_to_budget_keeps_the_plan(ckpt, tmp_path):
 def test_options_that_cannot_go_with_a_budget_are_refused(kw, match):
     with pytest.raises(OptionError, match=match):
         QuantizeOptions(**({"budget": 10_000} | kw))
+
+
+def test_a_budget_without_code_says_it_counted_the_code_as_zero(ckpt, sizes, tmp_path):
+    args = ["quantize", str(ckpt), "-o", str(tmp_path / "a.gqa"), "--calib-seqs", "2", "--calib-len", "32",
+            "--budget", str(sizes[8]), "--no-cache", "--method", "rtn"]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["note"] == "no --code given: the budget counts the code as 0 bytes"
+    code = tmp_path / "train_gpt.py"
+    code.write_text("print('hi')\n")
+    res = CliRunner().invoke(cli, [*args, "--code", str(code), "--json"])
+    assert "note" not in json.loads(res.stdout) and json.loads(res.stdout)["code_bytes"] == code.stat().st_size

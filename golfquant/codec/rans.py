@@ -21,7 +21,8 @@ model, to read its estimate and then encode without fitting again); size_breakdo
 Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
 e of the row-major flattening goes to lane e % W at step e // W, so encode and decode are numpy ops across
 lanes with one Python iteration per step. The decoder checks a CRC-32, that every lane ends in its initial
-state and that every word was used, so damaged input raises ArtifactError.
+state and that every word was used, so damaged input raises ArtifactError. Encoder, decoder and size model
+stay in one module because all three must build the same tables from the same parameters.
 
 Blob: version, CRC-32 of the body (uint32), body = kind, then per kind (all integers little-endian):
   kind 0: empty tensor (nothing else)

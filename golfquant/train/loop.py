@@ -12,7 +12,8 @@ Every decision that depends on the clock (stop at the cap, warmdown, QAT switch)
 rank's clock, all-reduced, so all ranks agree.
 
 Options beyond the baseline: EMA of the weights (the checkpoint holds the EMA), torch.compile, QAT (qat.py),
-and resumable checkpoints (optimizer states, step, data position and clock in `extra["resume"]`).
+and resumable checkpoints (optimizer states, step, data position and clock in `extra["resume"]`). They all act
+inside the one step loop, on its state, which is why they are not separate modules.
 """
 from __future__ import annotations
 
