@@ -12,6 +12,7 @@ from typing import Sequence
 
 from golfquant.atomic import atomic_path
 from golfquant.errors import OptionError
+from golfquant.report import SizeReport, TensorBytes
 
 _DPI = 110
 _STYLES = {"rtn": ("tab:gray", "o"), "gptq": ("tab:blue", "s"), "gptq+lqer": ("tab:purple", "D"),
@@ -113,26 +114,26 @@ def _bars(ax, title: str, items: dict[str, dict]) -> None:
     ax.grid(True, axis="x", alpha=0.3)
 
 
-def _aggregate(tensors: list[dict], key) -> dict[str, dict]:
+def _aggregate(tensors: list[TensorBytes], key) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for t in tensors:
         row = out.setdefault(key(t), {"codes": 0, "total": 0, "entropy": None})
-        row["codes"] += t["codes_bytes"]
-        row["total"] += t["compressed_bytes"]
-        if t.get("entropy_bytes") is not None:
-            row["entropy"] = (row["entropy"] or 0.0) + t["entropy_bytes"]
+        row["codes"] += t.codes_bytes
+        row["total"] += t.compressed_bytes
+        if t.entropy is not None:
+            row["entropy"] = (row["entropy"] or 0.0) + t.entropy.entropy_bytes
     return out
 
 
-def size_report_png(report: dict, path) -> Path:
+def size_report_png(report: SizeReport, path) -> Path:
     """Bar charts of a size report (golfquant.report.size_report): bytes by role group and by layer (blocks.N,
     then the other top-level names), each with the order-0 entropy bound of the codes (when the report has it)
     beside the achieved bytes."""
-    groups = _aggregate(report["tensors"], lambda t: t["role"])
+    groups = _aggregate(report.tensors, lambda t: t.role)
     groups = {k: groups[k] for k in sorted(groups, key=lambda k: -groups[k]["total"])}
-    groups["header + manifest"] = {"codes": 0, "total": report["header_bytes"] + report["manifest_bytes"],
+    groups["header + manifest"] = {"codes": 0, "total": report.header_bytes + report.manifest_bytes,
                                    "entropy": None}
-    layers = _aggregate(report["tensors"], lambda t: _layer(t["name"]))
+    layers = _aggregate(report.tensors, lambda t: _layer(t.name))
     layers = {k: layers[k] for k in sorted(layers, key=_layer_key)}
     fig = _figure(12.0, max(4.0, 1.8 + 0.42 * max(len(layers), len(groups))))
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.25])
@@ -140,9 +141,9 @@ def size_report_png(report: dict, path) -> Path:
     _bars(right, "by layer", layers)
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=9)
-    headroom = report["headroom_bytes"]
-    fig.suptitle(f"{Path(report['artifact']).name}: {report['artifact_bytes']:,} artifact + "
-                 f"{report['code_bytes']:,} code = {report['total_bytes']:,} bytes; "
-                 f"{'headroom' if headroom >= 0 else 'OVER by'} {abs(headroom):,} of {report['budget']:,}",
+    headroom = report.headroom_bytes
+    fig.suptitle(f"{report.artifact.name}: {report.artifact_bytes:,} artifact + "
+                 f"{report.code_bytes:,} code = {report.total_bytes:,} bytes; "
+                 f"{'headroom' if headroom >= 0 else 'OVER by'} {abs(headroom):,} of {report.budget:,}",
                  fontsize=12)
     return _save(fig, path)

@@ -58,6 +58,6 @@ def demo(out_dir, calib_seqs, max_tokens, as_json):
             roundtrips[name] = render.roundtrip_json(roundtrip_eval(out_dir / f"{name}.gqa", ckpt, rt_opts, progress))
     if as_json:
         render.emit_json({"records": render.quantize_json(records, out_dir / "records.gqa"), "quantize": summary,
-                          "size_report": report, "roundtrip": roundtrips})
+                          "size_report": render.size_report_json(report), "roundtrip": roundtrips})
         return
     render.print_demo_comparison(records.total_bytes, result.total_bytes, roundtrips["records"], roundtrips["model"])

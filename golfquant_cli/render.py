@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from golfquant.report import CAP_BYTES
+from golfquant.report import CAP_BYTES, CodecComparison, SizeReport
 
 # Piped output has no terminal width; use one wide enough for the per-tensor tables.
 console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -153,59 +153,74 @@ def _opt(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def print_size_report(r: dict) -> None:
+def size_report_json(report: SizeReport, plot_path=None) -> dict:
+    """The `size-report --json` object of a golfquant.report.SizeReport (and the chart written, if any): a tensor
+    without entropy bounds lacks the entropy keys, and compare_codecs is there only when it was asked for."""
+    obj = dataclasses.asdict(report)
+    obj["artifact"] = str(report.artifact)
+    for row in obj["tensors"]:
+        row |= row.pop("entropy") or {}
+    if report.compare_codecs is None:
+        del obj["compare_codecs"]
+    if plot_path is not None:
+        obj["plot"] = str(plot_path)
+    return obj
+
+
+def print_size_report(r: SizeReport) -> None:
     rows = []
-    for t in r["tensors"]:
-        rows.append((t["name"], "×".join(map(str, t["shape"])), t["scheme"], fmt_bytes(t["elements"]),
-                     fmt_bytes(t["compressed_bytes"]), f"{t['bits_per_weight']:.2f}", fmt_bytes(t["codes_bytes"]),
-                     _opt(t.get("entropy_bytes"), ",.0f"), _opt(t.get("overhead_pct"), "+.1f"),
-                     _opt(t.get("row_entropy_bytes"), ",.0f"), _opt(t.get("row_overhead_pct"), "+.1f"),
-                     t["codec"], t["layout"] or ""))
+    for t in r.tensors:
+        e = t.entropy
+        bounds = ("",) * 4 if e is None else (f"{e.entropy_bytes:,.0f}", _opt(e.overhead_pct, "+.1f"),
+                                              f"{e.row_entropy_bytes:,.0f}", _opt(e.row_overhead_pct, "+.1f"))
+        rows.append((t.name, "×".join(map(str, t.shape)), t.scheme, fmt_bytes(t.elements),
+                     fmt_bytes(t.compressed_bytes), f"{t.bits_per_weight:.2f}", fmt_bytes(t.codes_bytes), *bounds,
+                     t.codec, t.layout or ""))
     right = ["elements", "compressed B", "bits/w", "codes B", "H0 B", "vs H0 %", "row-H B", "vs row-H %"]
     console.print(table("tensors (H0: order-0 entropy of the codes; row-H: per-row conditional entropy)",
                         ["tensor", "shape", "scheme", "elements", "compressed B", "bits/w", "codes B", "H0 B",
                          "vs H0 %", "row-H B", "vs row-H %", "codec", "layout"], rows, right=right))
-    groups = [(g["role"], g["tensors"], fmt_bytes(g["elements"]), fmt_bytes(g["compressed_bytes"]),
-               f"{g['bits_per_weight']:.2f}", fmt_bytes(g["codes_bytes"]), f"{g['entropy_bytes']:,.0f}",
-               _opt(g["overhead_pct"], "+.1f"), f"{g['row_entropy_bytes']:,.0f}") for g in r["groups"]]
+    groups = [(g.role, g.tensors, fmt_bytes(g.elements), fmt_bytes(g.compressed_bytes), f"{g.bits_per_weight:.2f}",
+               fmt_bytes(g.codes_bytes), f"{g.entropy_bytes:,.0f}", _opt(g.overhead_pct, "+.1f"),
+               f"{g.row_entropy_bytes:,.0f}") for g in r.groups]
     console.print(table("role groups", ["role", "tensors", "elements", "compressed B", "bits/w", "codes B", "H0 B",
                                         "vs H0 %", "row-H B"], groups,
                         right=["tensors", "elements", "compressed B", "bits/w", "codes B", "H0 B", "vs H0 %",
                                "row-H B"]))
-    if r.get("compare_codecs"):
-        print_compare_codecs(r["compare_codecs"])
-    headroom = r["headroom_bytes"]
+    if r.compare_codecs:
+        print_compare_codecs(r.compare_codecs)
+    headroom = r.headroom_bytes
     style = "green" if headroom >= 0 else "bold red"
     totals = [
-        ("header + manifest", fmt_bytes(r["header_bytes"] + r["manifest_bytes"])),
-        ("fp16 scales (in the tensors above)", fmt_bytes(r["scales_bytes"])),
-        ("artifact", fmt_bytes(r["artifact_bytes"])),
-        ("code", fmt_bytes(r["code_bytes"])),
-        ("total", fmt_bytes(r["total_bytes"])),
-        ("budget", fmt_bytes(r["budget"])),
+        ("header + manifest", fmt_bytes(r.header_bytes + r.manifest_bytes)),
+        ("fp16 scales (in the tensors above)", fmt_bytes(r.scales_bytes)),
+        ("artifact", fmt_bytes(r.artifact_bytes)),
+        ("code", fmt_bytes(r.code_bytes)),
+        ("total", fmt_bytes(r.total_bytes)),
+        ("budget", fmt_bytes(r.budget)),
         ("headroom", f"[{style}]{headroom:,}[/{style}]"),
     ]
-    if r.get("entropy_bytes"):
-        totals.insert(2, ("codes vs order-0 entropy", f"{fmt_bytes(r['codes_bytes'])} vs {r['entropy_bytes']:,.0f} "
-                                                      f"({r['overhead_pct']:+.2f}%)"))
-    console.print(table(f"submission size: {r['artifact']}", ["", "bytes"], totals, right=["bytes"]))
+    if r.entropy_bytes:
+        totals.insert(2, ("codes vs order-0 entropy", f"{fmt_bytes(r.codes_bytes)} vs {r.entropy_bytes:,.0f} "
+                                                      f"({r.overhead_pct:+.2f}%)"))
+    console.print(table(f"submission size: {r.artifact}", ["", "bytes"], totals, right=["bytes"]))
 
 
-def print_compare_codecs(rows: list[dict]) -> None:
+def print_compare_codecs(rows: list[CodecComparison]) -> None:
     """One line per codes section and layout, one column per codec; * = written, bold = the section's smallest."""
-    codecs = list(dict.fromkeys(k.partition("/")[0] for r in rows for k in r["sizes"]))
+    codecs = list(dict.fromkeys(k.partition("/")[0] for r in rows for k in r.sizes))
     body = []
     for r in rows:
-        best = min(r["sizes"].values())
-        layouts = list(dict.fromkeys(k.partition("/")[2] for k in r["sizes"]))
+        best = min(r.sizes.values())
+        layouts = list(dict.fromkeys(k.partition("/")[2] for k in r.sizes))
         for i, layout in enumerate(layouts):
             cells = []
             for codec in codecs:
                 key = f"{codec}/{layout}" if layout else codec
-                size = r["sizes"].get(key)
-                text = "" if size is None else f"{size:,}" + ("*" if key == r["chosen"] else "")
+                size = r.sizes.get(key)
+                text = "" if size is None else f"{size:,}" + ("*" if key == r.chosen else "")
                 cells.append(f"[bold]{text}[/bold]" if size == best else text)
-            body.append((r["name"] if i == 0 else "", f"int{r['bits']}" if i == 0 else "", layout or "(codes)", *cells))
+            body.append((r.name if i == 0 else "", f"int{r.bits}" if i == 0 else "", layout or "(codes)", *cells))
     console.print(table("codes sections: bytes per codec and layout (* = written, bold = smallest)",
                         ["tensor", "bits", "layout", *codecs], body, right=codecs))
 

@@ -31,8 +31,7 @@ def size_report(artifact, code_path, packed_code, budget, no_entropy, compare_co
                           compare_codecs=compare_codecs)
     if plot_path is not None:
         size_report_png(report, plot_path)
-        report["plot"] = str(plot_path)
     if as_json:
-        render.emit_json(report)
+        render.emit_json(render.size_report_json(report, plot_path))
     else:
         render.print_size_report(report)

@@ -59,6 +59,36 @@ def test_quantize_and_size_report_account_for_every_byte(ckpt, tmp_path):
     assert fc["entropy_bytes"] > 0 and "layout" in fc
 
 
+REPORT_KEYS = {"artifact", "artifact_bytes", "code_bytes", "total_bytes", "budget", "headroom_bytes", "header_bytes",
+               "manifest_bytes", "scales_bytes", "entropy_bytes", "row_entropy_bytes", "codes_bytes", "overhead_pct",
+               "groups", "tensors"}
+TENSOR_KEYS = {"name", "role", "shape", "scheme", "bits", "elements", "raw_bytes", "compressed_bytes", "codes_bytes",
+               "scales_bytes", "lqer_bytes", "bits_per_weight", "codec", "layout"}
+ENTROPY_KEYS = {"entropy_bytes", "row_entropy_bytes", "col_entropy_bytes", "overhead_pct", "row_overhead_pct"}
+GROUP_KEYS = {"role", "tensors", "elements", "raw_bytes", "compressed_bytes", "codes_bytes", "entropy_bytes",
+              "row_entropy_bytes", "bits_per_weight", "overhead_pct"}
+
+
+def test_size_report_json_keys_with_and_without_the_optional_parts(ckpt, tmp_path):
+    out = tmp_path / "a.gqa"
+    invoke_json("quantize", ckpt, "-o", out, "--method", "rtn", "--mlp", "int4", "--float-max-numel", "0")
+    full = invoke_json("size-report", out, "--compare-codecs")
+    assert set(full) == REPORT_KEYS | {"compare_codecs"}
+    assert all(set(g) == GROUP_KEYS for g in full["groups"])
+    for t in full["tensors"]:  # the entropy bounds are of the codes: quantized tensors only
+        assert set(t) == TENSOR_KEYS | (ENTROPY_KEYS if t["bits"] else set()), t["name"]
+    quantized = [t["name"] for t in full["tensors"] if t["bits"]]
+    assert quantized and [r["name"] for r in full["compare_codecs"]] == quantized
+    for r in full["compare_codecs"]:
+        assert set(r) == {"name", "bits", "sizes", "chosen", "estimates"}
+        assert r["chosen"] in r["sizes"] and set(r["estimates"]) == set(r["sizes"])
+
+    bare = invoke_json("size-report", out, "--no-entropy")
+    assert set(bare) == REPORT_KEYS
+    assert bare["entropy_bytes"] is None and bare["overhead_pct"] is None and bare["codes_bytes"] == 0
+    assert bare["tensors"] == [{k: v for k, v in t.items() if k not in ENTROPY_KEYS} for t in full["tensors"]]
+
+
 def test_roundtrip_eval_reports_both_models(ckpt, val, tmp_path):
     out = tmp_path / "a.gqa"
     invoke_json("quantize", ckpt, "-o", out, "--mlp", "int8", "--attn", "int8", "--embed", "int8")

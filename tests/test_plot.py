@@ -26,12 +26,17 @@ def _image(path):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def artifact(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plot")
     ckpt = tiny_checkpoint(folder / "tiny.pt")
     art = folder / "tiny.gqa"
     quantize_checkpoint(ckpt, QuantizeOptions(plan=PlanOptions(mlp="int4", float_max_numel=0), method="rtn")).save(art)
-    return size_report(art, code_bytes=1234)
+    return art
+
+
+@pytest.fixture(scope="module")
+def report(artifact):
+    return size_report(artifact, code_bytes=1234)
 
 
 def test_size_report_png_from_a_real_report(report, tmp_path):
@@ -42,10 +47,12 @@ def test_size_report_png_from_a_real_report(report, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic: no temp files left
 
 
-def test_size_report_png_without_entropy_bounds(tmp_path, report):
-    bare = report | {"entropy_bytes": None,
-                     "tensors": [{k: v for k, v in t.items() if k != "entropy_bytes"} for t in report["tensors"]]}
-    _image(size_report_png(bare, tmp_path / "bare.png"))
+def test_size_report_png_without_entropy_bounds(tmp_path, artifact, report):
+    bare = size_report(artifact, code_bytes=1234, entropy=False)
+    assert all(t.entropy is None for t in bare.tensors)
+    with_bounds = _image(size_report_png(report, tmp_path / "bounds.png"))
+    without = _image(size_report_png(bare, tmp_path / "bare.png"))
+    assert without.shape == with_bounds.shape and (without != with_bounds).any()  # no bound bars beside the bytes
 
 
 def test_sweep_png_near_and_far_from_the_cap(tmp_path):
