@@ -10,6 +10,7 @@ from golfquant.checkpoint import load_checkpoint
 from golfquant.factory import build_model
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
+
 from helpers import run_cli, tiny_checkpoint
 
 CALIB = CalibConfig(seqs=2, seq_len=16)  # the CLI defaults but for these two

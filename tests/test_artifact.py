@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from golfquant.artifact import (MAGIC, artifact_sizes, load_artifact, read_artifact, write_artifact)
+from golfquant.artifact import MAGIC, artifact_sizes, load_artifact, read_artifact, write_artifact
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, register_codes_codec
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import layouts_for, pack_codes

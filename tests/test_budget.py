@@ -16,9 +16,10 @@ from golfquant.data import default_data_dir
 from golfquant.errors import OptionError
 from golfquant.measure import Candidate, candidate_grid
 from golfquant.options import QuantizeOptions
+from golfquant.plan import PlanOptions
 from golfquant.quant.lqer import LqerOptions
 from golfquant_cli.main import cli
-from golfquant.plan import PlanOptions
+
 from helpers import tiny_checkpoint
 
 CALIB = CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128)

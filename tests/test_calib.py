@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from golfquant.calib import (
-    CalibConfig, calibration_tokens, capture_hessians, capture_hessians_sequential, generate_tokens, model_logits,
-    sample_next, shard_tokens,
-)
+from golfquant.calib import (CalibConfig, calibration_tokens, capture_hessians, capture_hessians_sequential,
+                             generate_tokens, model_logits, sample_next, shard_tokens)
 from golfquant.data import write_shard
 from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.factory import build_model, load_model_factory, parse_model_args

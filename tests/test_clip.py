@@ -5,16 +5,8 @@ import torch
 
 from golfquant.codec.entropy import order0_bits
 from golfquant.errors import OptionError
-from golfquant.quant.clip import (
-    ROLE_KEYS,
-    ClipSpec,
-    entropy_bits,
-    hessian_weighted_error,
-    parse_clip,
-    record_k,
-    round_codes,
-    row_scales,
-)
+from golfquant.quant.clip import (ROLE_KEYS, ClipSpec, entropy_bits, hessian_weighted_error, parse_clip, record_k,
+                                  round_codes, row_scales)
 from golfquant.quant.qtensor import qmax
 
 

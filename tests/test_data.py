@@ -5,11 +5,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from golfquant.data import (
-    BOS_ID, DOC_SEPARATOR, HEADER_BYTES, SHARD_MAGIC, build_byte_luts, build_dataset, check_tokenizer_fits,
-    check_tokens_fit, count_target_bytes, default_tokenizer_path, default_train_pattern, default_val_pattern,
-    load_tokens, read_documents, read_shard, train_tokenizer, write_shard,
-)
+from golfquant.data import (BOS_ID, DOC_SEPARATOR, HEADER_BYTES, SHARD_MAGIC, build_byte_luts, build_dataset,
+                            check_tokenizer_fits, check_tokens_fit, count_target_bytes, default_tokenizer_path,
+                            default_train_pattern, default_val_pattern, load_tokens, read_documents, read_shard,
+                            train_tokenizer, write_shard)
 from golfquant.errors import DataError
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"

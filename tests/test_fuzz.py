@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from golfquant.artifact import MAGIC, VERSION, load_artifact, read_artifact, write_artifact
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress

@@ -24,10 +24,8 @@ from golfquant.pack import pack_codes, unpack_codes  # noqa: E402
 from golfquant.quant.lqer import apply_lqer  # noqa: E402
 from golfquant.quant.qtensor import QuantizedTensor, qmax  # noqa: E402
 from golfquant.quant.rtn import quantize_rtn  # noqa: E402
-from kernels import (  # noqa: E402
-    KernelConfig, PackedWeight, QuantLinear, dequant_matmul, dequant_matmul_reference, dequantize_packed,
-    dequantize_reference, swap_linears, unpack_reference,
-)
+from kernels import (KernelConfig, PackedWeight, QuantLinear, dequant_matmul, dequant_matmul_reference,  # noqa: E402
+                     dequantize_packed, dequantize_reference, swap_linears, unpack_reference)
 
 if not kd.INTERPRET:
     pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set (set it in conftest.py to run these)",

@@ -3,13 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from golfquant.errors import CheckpointError, OptionError
-from golfquant.model import (
-    GPT,
-    GPTConfig,
-    config_from_state_dict,
-    expected_shapes,
-    model_from_state_dict,
-)
+from golfquant.model import GPT, GPTConfig, config_from_state_dict, expected_shapes, model_from_state_dict
 
 BASELINE_BLOCK = [  # brief §1.1, in state_dict order
     ("attn_scale", (512,)), ("mlp_scale", (512,)), ("resid_mix", (2, 512)), ("attn.q_gain", (8,)),

@@ -1,7 +1,6 @@
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from golfquant.errors import ArtifactError
 from golfquant.pack import LAYOUTS, layouts_for, pack_codes, packed_length, plane_widths, unpack_codes

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from golfquant.errors import OptionError
 from golfquant.api import quantize_checkpoint
+from golfquant.errors import OptionError
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.plot import size_report_png, sweep_png

@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from golfquant.api import quantize_checkpoint
 from golfquant.artifact import read_artifact
 from golfquant.calib import CalibConfig
 from golfquant.codec.rans import encode_codes
 from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.errors import OptionError
-from golfquant.api import quantize_checkpoint
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.quant.rtn import quantize_rtn
+
 from helpers import tiny_checkpoint
 
 

@@ -6,8 +6,7 @@ import zlib
 import brotli
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from golfquant.codec import entropy, rans
 from golfquant.codec.rans import decode_codes, encode_codes, estimate_encoded_bytes
