@@ -678,14 +678,6 @@ def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int
         s["layout"]
 
 
-def _to_device(qt: QuantizedTensor, device: str | torch.device) -> QuantizedTensor:
-    lqer = qt.lqer
-    if lqer is not None:
-        lqer = replace(lqer, a_codes=lqer.a_codes.to(device), a_scale=lqer.a_scale.to(device),
-                       b_codes=lqer.b_codes.to(device), b_scales=lqer.b_scales.to(device))
-    return QuantizedTensor(qt.codes.to(device), qt.scales.to(device), qt.bits, lqer)
-
-
 def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | QuantizedTensor]:
     """A state_dict: float tensors (dequantized ones included) in their original dtype, or `dtype` when given.
@@ -703,7 +695,7 @@ def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str 
         if isinstance(value, PackedWeight):
             out[t["name"]] = value.to(device).dequantize(target)
         elif isinstance(value, QuantizedTensor):
-            value = _to_device(value, device)
+            value = value.to(device)
             out[t["name"]] = value.dequantize(target) if dequantize else value
         else:
             out[t["name"]] = value.to(device=device, dtype=target if value.is_floating_point() else value.dtype)

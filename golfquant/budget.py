@@ -221,7 +221,7 @@ class _Run:
         hessians = self.calibration.hessians
         held = self.calibration.heldout
         with self.timed("sensitivity"):
-            sens = measure_sensitivity(self.model, held, hessians, batch=self.opts.calib.batch)
+            sens = measure_sensitivity(self.model, held, hessians)
 
         def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor) -> float:
             d = sens.damage(name, w, w_hat)

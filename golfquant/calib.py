@@ -17,6 +17,7 @@ the capture hooks while it generates.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from golfquant.data import BOS_ID, load_tokens
+from golfquant.distributed import all_reduce_, gather, my_items
 from golfquant.errors import DataError, OptionError
 
 StageProgress = Callable[[int, int], None]
@@ -41,6 +43,11 @@ class CalibConfig:
     each generated sequence uniformly over the vocab (as the records do); "bos" starts every sequence with
     `bos_id` (1 for the challenge's SentencePiece tokenizers). temperature 0 is greedy decoding. `holdout`: how
     many tokens (whole sequences, at least one) `heldout_tokens` draws apart from the calibration ones.
+
+    Sequences are generated, and their Hessians accumulated, in batches of `batch` sequences (None: the most,
+    up to all, whose KV cache fits `cache_mib` MiB on the model's device: `resolve_batch`). Batches are the unit
+    of work shared over processes under torchrun; each sequence draws from its own seeded stream, so the tokens
+    do not depend on which batch or process makes them, nor on the world size.
     """
 
     source: str = "selfgen"
@@ -48,19 +55,21 @@ class CalibConfig:
     seq_len: int | None = None
     temperature: float = 0.8
     seed: int = 0
-    batch: int = 64
+    batch: int | None = None
     first_token: str = "uniform"
     bos_id: int = BOS_ID
     data_glob: str | None = None
     holdout: int = 4096
+    cache_mib: int = 512
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise OptionError(f"calibration source {self.source!r} is unknown; use one of {', '.join(SOURCES)}")
         if self.first_token not in FIRST_TOKENS:
             raise OptionError(f"first token {self.first_token!r} is unknown; use one of {', '.join(FIRST_TOKENS)}")
-        if self.seqs < 1 or self.batch < 1:
-            raise OptionError(f"calibration needs seqs >= 1 and batch >= 1, got seqs={self.seqs} batch={self.batch}")
+        if self.seqs < 1 or (self.batch is not None and self.batch < 1) or self.cache_mib < 1:
+            raise OptionError(f"calibration needs seqs >= 1, batch >= 1 and cache_mib >= 1, got seqs={self.seqs} "
+                              f"batch={self.batch} cache_mib={self.cache_mib}")
         if self.seq_len is not None and self.seq_len < 1:
             raise OptionError(f"calibration seq_len must be >= 1, got {self.seq_len}")
         if self.holdout < 1:
@@ -133,17 +142,45 @@ def resolve_seq_len(model: nn.Module, cfg: CalibConfig) -> int:
     return seq_len
 
 
-def sample_next(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of logits [B, V] -> [B]: argmax when temperature is 0, else multinomial(softmax(l/T))."""
+def resolve_batch(model: nn.Module, cfg: CalibConfig, seqs: int | None = None) -> int:
+    """cfg.batch, or the most sequences (up to `seqs`, a power of two) whose KV cache fits cfg.cache_mib MiB: 2 x
+    layers x (seq_len + 1) x kv_dim per sequence, in the activations' dtype (bf16 under CUDA autocast, else
+    fp32). A model that does not state its shape (a user model) gets the records' batch of 8."""
+    seqs = cfg.seqs if seqs is None else seqs
+    if cfg.batch is not None:
+        return min(cfg.batch, seqs)
+    c = getattr(model, "config", None)
+    if not all(isinstance(getattr(c, k, None), int) for k in ("num_layers", "model_dim", "num_heads", "num_kv_heads")):
+        return min(8, seqs)
+    per_seq = 2 * c.num_layers * (resolve_seq_len(model, cfg) + 1) * c.model_dim // c.num_heads * c.num_kv_heads \
+        * (2 if _device(model).type == "cuda" else 4)
+    fits = max(1, cfg.cache_mib * 2**20 // per_seq)
+    return min(seqs, 1 << (fits.bit_length() - 1))
+
+
+def sequence_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random stream of calibration sequence `index`: its own, so its tokens do not depend on the batch or the
+    process that generates it. (seed, index) is mixed by splitmix64 into the 32 bits torch's CPU generator keeps."""
+    x = ((seed % 2**32) << 32 | index % 2**32) + 0x9E3779B97F4A7C15
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return torch.Generator(device=device).manual_seed((x ^ (x >> 31)) % 2**32)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits [B, V] -> [B]: argmax when temperature is 0, else drawn from softmax(l / T) by
+    inverting its CDF at the row's uniform u [B] (token j when cdf[j-1] <= u·total < cdf[j])."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
-def _generate_batch(model: nn.Module, first: torch.Tensor, seq_len: int, temperature: float,
-                    gen: torch.Generator, use_cache: bool, on_column: Callable[[], None],
-                    collector: _GramCollector | None = None) -> torch.Tensor:
+def _generate_batch(model: nn.Module, first: torch.Tensor, u: torch.Tensor, temperature: float, use_cache: bool,
+                    on_column: Callable[[], None], collector: _GramCollector | None = None) -> torch.Tensor:
+    """Sequences [B, L] from their first tokens [B] and uniforms u [B, L] (column t samples position t)."""
+    seq_len = u.shape[1]
     seq = torch.empty(first.shape[0], seq_len, dtype=torch.long, device=first.device)
     seq[:, 0] = first
     cache = None
@@ -152,7 +189,7 @@ def _generate_batch(model: nn.Module, first: torch.Tensor, seq_len: int, tempera
             logits, cache = model.decode(seq[:, t - 1:t], cache)
         else:
             logits = model_logits(model, seq[:, :t])[:, -1]
-        seq[:, t] = sample_next(logits, temperature, gen)
+        seq[:, t] = sample_next(logits, temperature, u[:, t])
         if collector is not None:
             collector.end_batch()
         on_column()
@@ -168,11 +205,10 @@ def generate_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress 
     """Sample cfg.seqs sequences of seq_len tokens from the float model -> LongTensor [seqs, seq_len] (CPU).
 
     use_cache None picks KV-cache decoding when the model has `decode`; False forces full-prefix recomputation
-    (the records' method, kept as the reference). Both paths draw from one generator seeded with cfg.seed on
-    the model's device in the same order, so for a given device and seed they give the same tokens (up to
-    float ties between the two ways of computing the same logits). The tokens depend on cfg.batch (the
-    generator's draws interleave across a batch). Precision is the model's own; wrap the call in
-    torch.autocast to sample in bf16 as the records do.
+    (the records' method, kept as the reference). Sequence i draws its first token and every next one from its
+    own stream (`sequence_generator(cfg.seed, i)`), so for a given device, seed and batch both paths give the
+    same tokens (up to float ties between the two ways of computing the same logits), whatever the number of
+    processes. On CUDA sampling runs under bf16 autocast, as the records' does.
     """
     if use_cache is None:
         use_cache = callable(getattr(model, "decode", None))
@@ -180,8 +216,8 @@ def generate_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress 
 
 
 def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding: bool = True,
-                           progress: StageProgress | None = None, accum_dtype: torch.dtype = torch.float32,
-                           flush_rows: int = 4096) -> tuple[torch.Tensor, dict[str, Hessian]]:
+                           progress: StageProgress | None = None, flush_rows: int = 4096
+                           ) -> tuple[torch.Tensor, dict[str, Hessian]]:
     """Self-generated tokens and their Hessians in one pass: (generate_tokens(model, cfg), H).
 
     The model must have `decode`. The Hessian hooks of `capture_hessians` stay on during KV-cache decoding, so
@@ -195,7 +231,7 @@ def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding
         raise OptionError("generate_with_hessians needs a model with decode(idx_new, cache); use "
                           "generate_tokens then capture_hessians")
     linears, emb = hessian_targets(model, include_embedding)
-    collector = _GramCollector(accum_dtype, flush_rows)
+    collector = _GramCollector(flush_rows)
     try:
         _hook_all(model, collector, linears, emb)
         tokens = _generate(model, cfg, progress, True, collector)
@@ -208,35 +244,41 @@ def _generate(model: nn.Module, cfg: CalibConfig, progress: StageProgress | None
               collector: _GramCollector | None) -> torch.Tensor:
     seq_len = resolve_seq_len(model, cfg)
     device = _device(model)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    total, done = cfg.seqs * seq_len, 0
+    batch = resolve_batch(model, cfg)
+    starts = my_items(range(0, cfg.seqs, batch))  # this process's batches
+    total = sum(min(batch, cfg.seqs - s) for s in starts) * seq_len
+    done = 0
     was_training = model.training
     model.eval()
     out = []
     # no_grad, not inference_mode, while collecting: the Hessians must stay ordinary tensors.
     grad_off = torch.no_grad() if collector is not None else torch.inference_mode()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with grad_off:
+        with grad_off, autocast:
             vocab = vocab_size(model)
-            for start in range(0, cfg.seqs, cfg.batch):
-                b = min(cfg.batch, cfg.seqs - start)
+            for start in starts:
+                gens = [sequence_generator(cfg.seed, i, device) for i in range(start, min(start + batch, cfg.seqs))]
+                u = torch.stack([torch.rand(seq_len, generator=g, device=device) for g in gens])
                 if cfg.first_token == "uniform":
-                    first = torch.randint(0, vocab, (b,), generator=gen, device=device)
+                    first = (u[:, 0] * vocab).long().clamp_max(vocab - 1)
                 else:
-                    first = torch.full((b,), cfg.bos_id, dtype=torch.long, device=device)
+                    first = torch.full((len(gens),), cfg.bos_id, dtype=torch.long, device=device)
 
-                def on_column(b: int = b) -> None:
+                def on_column(b: int = len(gens)) -> None:
                     nonlocal done
                     done += b
                     if progress is not None:
                         progress(done, total)
 
                 on_column()
-                seq = _generate_batch(model, first, seq_len, cfg.temperature, gen, use_cache, on_column, collector)
-                out.append(seq.cpu())
+                seq = _generate_batch(model, first, u, cfg.temperature, use_cache, on_column, collector)
+                if collector is not None:
+                    collector.end_sequences()
+                out.append((start, seq.cpu()))
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return torch.cat([seq for _, seq in sorted(p for part in gather(out) for p in part)])
 
 
 def shard_tokens(pattern: str, seqs: int, seq_len: int) -> torch.Tensor:
@@ -268,7 +310,7 @@ def heldout_tokens(model: nn.Module, cfg: CalibConfig, progress: StageProgress |
     n = -(-cfg.holdout // seq_len)
     if cfg.source == "shards":
         return shard_tokens(cfg.data_glob, cfg.seqs + n, seq_len)[cfg.seqs:]
-    held = replace(cfg, seqs=n, batch=min(cfg.batch, n), seed=cfg.seed + HOLDOUT_SEED_OFFSET)
+    held = replace(cfg, seqs=n, seed=cfg.seed + HOLDOUT_SEED_OFFSET)
     return generate_tokens(model, held, progress)
 
 
@@ -283,7 +325,8 @@ def calibration_hessians(model: nn.Module, cfg: CalibConfig, include_embedding: 
     if cfg.source == "selfgen" and callable(getattr(model, "decode", None)):
         return generate_with_hessians(model, cfg, include_embedding, progress)
     tokens = calibration_tokens(model, cfg, progress)
-    return tokens, capture_hessians(model, tokens, cfg.batch, include_embedding, progress)
+    return tokens, capture_hessians(model, tokens, resolve_batch(model, cfg, tokens.shape[0]), include_embedding,
+                                    progress)
 
 
 class _GramCollector:
@@ -291,13 +334,18 @@ class _GramCollector:
 
     Sharing is detected by tensor identity: c_q, c_k and c_v are called one after another on the same normed
     tensor, so a hook whose input `is` the previous hooked input adds nothing and shares the previous Hessian.
-    Only that one previous input is referenced, and only until the end of the batch.
+    Only that one previous input is referenced, and only until the end of the forward call.
+
+    Each batch of sequences is accumulated in fp32 and then added, as fp64, to the total (`end_sequences`).
+    Sums of fp32 values in fp64 are exact unless one entry's values span more than ~2^29, so the total does
+    not depend on the order in which batches, or processes (all-reduced in `finish`), add up: the Hessians of
+    one process and of N equal the same bits.
     """
 
-    def __init__(self, accum_dtype: torch.dtype, min_rows: int = 0):
-        self.accum_dtype = accum_dtype
+    def __init__(self, min_rows: int = 0):
         self.min_rows = min_rows
         self.hessians: dict[str, Hessian] = {}
+        self._totals: dict[int, torch.Tensor] = {}  # id(Hessian) -> fp64 sum over the finished batches
         self._last: tuple[torch.Tensor, Hessian] | None = None
         self._pending: dict[int, tuple[Hessian, list[torch.Tensor]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -307,10 +355,9 @@ class _GramCollector:
             self.hessians.setdefault(name, self._last[1])
             return
         h = self.hessians.get(name)
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(self.accum_dtype)
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
         if h is None:
-            h = self.hessians[name] = Hessian(torch.zeros(x2.shape[1], x2.shape[1], dtype=self.accum_dtype,
-                                                          device=x2.device), 0)
+            h = self.hessians[name] = Hessian(torch.zeros(x2.shape[1], x2.shape[1], device=x2.device), 0)
         self._last = (x, h)
         if self.min_rows <= x2.shape[0]:
             h.H.addmm_(x2.T, x2)
@@ -340,6 +387,15 @@ class _GramCollector:
     def end_batch(self) -> None:
         self._last = None
 
+    def end_sequences(self) -> None:
+        """The end of a batch of sequences: its fp32 sums go into the fp64 totals."""
+        for key in list(self._pending):
+            self._flush(key)
+        for h in {id(h): h for h in self.hessians.values()}.values():
+            total = self._totals.setdefault(id(h), torch.zeros_like(h.H, dtype=torch.float64))
+            total += h.H
+            h.H.zero_()
+
     def remove(self) -> None:
         self._last = None
         for handle in self._handles:
@@ -347,11 +403,11 @@ class _GramCollector:
         self._handles.clear()
 
     def finish(self, tokens: int) -> dict[str, Hessian]:
-        """Add the buffered rows, then divide each distinct Hessian once by the token count."""
-        for key in list(self._pending):
-            self._flush(key)
+        """The totals of every process (after the last `end_sequences`), each distinct Hessian divided once by
+        the token count and rounded to fp32."""
+        self.end_sequences()
         for h in {id(h): h for h in self.hessians.values()}.values():
-            h.H.div_(tokens)
+            h.H = (all_reduce_(self._totals.pop(id(h))) / tokens).float()
             h.tokens = tokens
         return self.hessians
 
@@ -372,24 +428,24 @@ def hessian_targets(model: nn.Module, include_embedding: bool = True) -> tuple[d
 
 
 def capture_hessians(model: nn.Module, tokens: torch.Tensor, batch: int = 8, include_embedding: bool = True,
-                     progress: StageProgress | None = None,
-                     accum_dtype: torch.dtype = torch.float32) -> dict[str, Hessian]:
+                     progress: StageProgress | None = None) -> dict[str, Hessian]:
     """Run tokens [N, L] through the model in batches of `batch` sequences and return the input Hessians.
 
     Keys are weight state-dict names (`blocks.0.attn.c_q.weight`, ..., `tok_emb.weight`); H = XᵀX / (N·L) on the
-    model's device, accumulated per batch in `accum_dtype`, so memory is one [cols, cols] matrix per distinct
-    input plus one batch of activations. Weights reading the same input (c_q, c_k, c_v) map to one shared
+    model's device, accumulated per batch in fp32 and over batches in fp64 (_GramCollector), so memory is three
+    [cols, cols] fp32 matrices per distinct input plus one batch of activations. Under torchrun the batches are
+    shared over the processes, and every process returns the same Hessians. Weights reading the same input (c_q, c_k, c_v) map to one shared
     Hessian object. The model runs in eval mode without autograd; no hooks or activations remain afterwards.
     """
     _check_tokens(tokens)
     linears, emb = hessian_targets(model, include_embedding)
-    return _capture(model, tokens, linears, emb, batch, progress, accum_dtype)
+    return _capture(model, tokens, linears, emb, batch, progress)
 
 
 def capture_hessians_sequential(model: nn.Module, tokens: torch.Tensor,
                                 quantize_fn: Callable[[str, torch.Tensor, Hessian], torch.Tensor],
-                                batch: int = 8, include_embedding: bool = True, progress: StageProgress | None = None,
-                                accum_dtype: torch.dtype = torch.float32) -> dict[str, Hessian]:
+                                batch: int = 8, include_embedding: bool = True,
+                                progress: StageProgress | None = None) -> dict[str, Hessian]:
     """Sequential GPTQ calibration: block i's Hessians are collected with blocks 0..i-1 already quantized.
 
     Groups are the Linears under `blocks.0.`, `blocks.1.`, ... in model order, then every other Linear and the
@@ -409,7 +465,7 @@ def capture_hessians_sequential(model: nn.Module, tokens: torch.Tensor,
         def group_progress(done: int, total: int, i: int = i) -> None:
             if progress is not None:
                 progress(i * total + done, passes * total)
-        hs = _capture(model, tokens, group, emb if i == passes - 1 else None, batch, group_progress, accum_dtype)
+        hs = _capture(model, tokens, group, emb if i == passes - 1 else None, batch, group_progress)
         with torch.no_grad():
             for name, h in hs.items():
                 weights[name].copy_(quantize_fn(name, weights[name].detach(), h))
@@ -443,20 +499,22 @@ def _hook_all(model: nn.Module, collector: _GramCollector, linears: dict[str, nn
 
 
 def _capture(model: nn.Module, tokens: torch.Tensor, linears: dict[str, nn.Module], emb: str | None, batch: int,
-             progress: StageProgress | None, accum_dtype: torch.dtype) -> dict[str, Hessian]:
-    collector = _GramCollector(accum_dtype)
+             progress: StageProgress | None) -> dict[str, Hessian]:
+    collector = _GramCollector()
     device = _device(model)
     was_training = model.training
     model.eval()
+    starts = my_items(range(0, tokens.shape[0], batch))  # this process's batches
     try:
         _hook_all(model, collector, linears, emb)
         # no_grad, not inference_mode: the Hessians must stay ordinary tensors that callers can modify in place.
         with torch.no_grad():
-            for start in range(0, tokens.shape[0], batch):
+            for i, start in enumerate(starts, 1):
                 model_logits(model, tokens[start:start + batch].to(device))
                 collector.end_batch()
+                collector.end_sequences()
                 if progress is not None:
-                    progress(min(start + batch, tokens.shape[0]) * tokens.shape[1], tokens.numel())
+                    progress(i, len(starts))
     finally:
         collector.remove()
         model.train(was_training)

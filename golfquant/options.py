@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from golfquant.calib import CalibConfig
+from golfquant.distributed import resolve_device
 from golfquant.errors import OptionError
 from golfquant.plan import PlanOptions
 from golfquant.quant.clip import ClipSpec, parse_clip
@@ -42,8 +43,10 @@ class QuantizeOptions:
     fixed_float: bool = False
     exhaustive: bool = False  # compress every section with every codec x layout
     sequential: bool = False  # block i's Hessians collected with blocks 0..i-1 already quantized
+    device: str = "auto"  # where calibration and GPTQ run: auto (CUDA when available), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a CUDA device on a machine without one is refused here
         if isinstance(self.clip, str):
             object.__setattr__(self, "clip", parse_clip(self.clip))
         object.__setattr__(self, "fixed_roles", tuple(self.fixed_roles))
@@ -74,4 +77,4 @@ class QuantizeOptions:
 
     @property
     def quantizer(self) -> Quantizer:
-        return Quantizer(self.method, self.block_size, self.act_order, self.damp)
+        return Quantizer(self.method, self.block_size, self.act_order, self.damp, resolve_device(self.device))

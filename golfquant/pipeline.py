@@ -13,8 +13,9 @@ from typing import Callable, Iterable
 import torch
 
 from golfquant.calib import (Hessian, calibration_hessians, calibration_tokens, capture_hessians_sequential,
-                             heldout_tokens)
+                             heldout_tokens, resolve_batch)
 from golfquant.checkpoint import Checkpoint
+from golfquant.distributed import resolve_device
 from golfquant.factory import build_model
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
@@ -155,7 +156,7 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
         held = held.cpu()
     if not opts.sequential:
         tokens, hessians = calibration_hessians(model, opts.calib, progress=stage(progress, "calibration"))
-        return Calibration(_on_cpu(hessians), _calib_info(opts, tokens), heldout=held)
+        return Calibration(_on_cpu(hessians), _calib_info(opts, model, tokens), heldout=held)
     plan = plan or make_plan(ckpt.state_dict, opts.plan)
     spec = opts.clip
     tokens = calibration_tokens(model, opts.calib, stage(progress, "calibration tokens"))
@@ -168,9 +169,9 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
         quantized[name] = quantize_tensor(ckpt.state_dict[name], tp, tp.bits, spec, hessian.H, opts)
         return quantized[name][0].dequantize(weight.dtype)
 
-    hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=opts.calib.batch,
+    hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=resolve_batch(model, opts.calib),
                                            progress=stage(progress, "sequential hessians"))
-    return Calibration(_on_cpu(hessians), _calib_info(opts, tokens) | {"sequential": True}, quantized, held)
+    return Calibration(_on_cpu(hessians), _calib_info(opts, model, tokens) | {"sequential": True}, quantized, held)
 
 
 def _on_cpu(hessians: dict[str, Hessian]) -> dict[str, Hessian]:
@@ -182,11 +183,14 @@ def _on_cpu(hessians: dict[str, Hessian]) -> dict[str, Hessian]:
 
 
 def build_float_model(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.nn.Module:
-    return build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args).eval()
+    """The float model of ckpt on opts.device, in eval mode."""
+    model = build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args)
+    return model.to(resolve_device(opts.device)).eval()
 
 
-def _calib_info(opts: QuantizeOptions, tokens: torch.Tensor) -> dict:
-    return dataclasses.asdict(opts.calib) | {"tokens": int(tokens.numel())}
+def _calib_info(opts: QuantizeOptions, model: torch.nn.Module, tokens: torch.Tensor) -> dict:
+    """The calibration as run (the batch as resolved: it is part of what the tokens depend on)."""
+    return dataclasses.asdict(opts.calib) | {"batch": resolve_batch(model, opts.calib), "tokens": int(tokens.numel())}
 
 
 def stage(progress: Progress | None, name: str):

@@ -59,6 +59,7 @@ class Sensitivity:
     head: dict[str, HeadFisher]  # tied embedding weight name -> the head's sample
     hessians: dict[str, Hessian]
     tokens: int
+    device: torch.device  # the model's: damages are computed there
 
     def has_signal(self, name: str) -> bool:
         return (name in self.out_fisher and name in self.hessians) or name in self.in_fisher or name in self.head
@@ -67,10 +68,11 @@ class Sensitivity:
         """½ δᵀFδ of replacing w by w_hat (nats per token), or None when this tensor has no signal."""
         if not self.has_signal(name):
             return None
-        e = w.float() - w_hat.float()
+        device = self.device
+        e = w.to(device).float() - w_hat.to(device).float()
         total = 0.0
         if name in self.out_fisher and name in self.hessians:
-            rows = ((e @ self.hessians[name].H.float()) * e).sum(dim=-1)
+            rows = ((e @ self.hessians[name].H.to(device).float()) * e).sum(dim=-1)
             total += float((self.out_fisher[name] * rows).sum(dtype=torch.float64))
         if name in self.in_fisher:
             total += float((self.in_fisher[name] * e * e).sum(dtype=torch.float64))
@@ -168,7 +170,7 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     if emb is not None:
         head[emb] = HeadFisher(torch.cat(head_h), torch.cat(head_p), torch.cat(head_c))
     return Sensitivity({k: v / count for k, v in out_acc.items()}, {k: v / count for k, v in in_acc.items()},
-                       head, hessians, count)
+                       head, hessians, count, device)
 
 
 def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

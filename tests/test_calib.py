@@ -66,11 +66,22 @@ def test_generation_is_seeded():
 
 def test_sampling_follows_temperature():
     logits = torch.tensor([[0.0, 1.0]]).expand(4000, 2)
-    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0))
     for temperature, p_one in ((1.0, 0.7311), (0.25, 0.9820)):
-        frac = sample_next(logits, temperature, gen).float().mean().item()
+        frac = sample_next(logits, temperature, u).float().mean().item()
         assert abs(frac - p_one) < 0.02
-    assert torch.equal(sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, gen), torch.tensor([1]))
+    assert torch.equal(sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, u[:1]), torch.tensor([1]))
+    # inverse CDF: u below the first token's mass picks it, above picks the next; a zero-mass token is never drawn
+    probs_logits = torch.tensor([[0.0, float("-inf"), 0.0]]).expand(2, 3)
+    assert sample_next(probs_logits, 1.0, torch.tensor([0.0, 0.49])).tolist() == [0, 0]
+    assert sample_next(probs_logits, 1.0, torch.tensor([0.5, 0.999])).tolist() == [2, 2]
+
+
+def test_tokens_do_not_depend_on_the_batch_split():
+    """Each sequence has its own random stream: generating in batches of 1, 2 or all gives the same tokens."""
+    model = tiny_gpt()
+    runs = [generate_tokens(model, CalibConfig(seqs=4, seq_len=12, batch=b)) for b in (1, 2, 4)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_generation_progress_and_mode_restored():

@@ -12,9 +12,10 @@ from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.model import GPT, GPTConfig
 from golfquant.quant.clip import parse_clip
 from golfquant.quant.rtn import quantize_rtn
-from golfquant.train import TrainConfig, apply_overrides, export_state_dict, preset, train, zeropower_via_newtonschulz5
-from golfquant.train.distributed import DistEnv
-from golfquant.train.loop import TokenStream, lr_scale, next_step_exceeds_cap, training_fraction
+from golfquant.train import (TrainConfig, apply_overrides, batch_layout, export_state_dict, preset, train,
+                             zeropower_via_newtonschulz5)
+from golfquant.train.batches import TokenStream
+from golfquant.train.loop import lr_scale, next_step_exceeds_cap, training_fraction
 from golfquant.train.qat import attach_qat, fake_quantize, parse_qat, parse_qat_clip, refresh_qat, set_qat
 from golfquant_cli.train_cmd import quantize_default_clip, train as train_command
 
@@ -212,19 +213,73 @@ def test_ranks_never_share_a_window_and_the_stream_stays_consecutive(tmp_path):
     # token value = position in the stream (two shards, 1700 tokens, then it wraps): each window names its span
     write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
     write_shard(tmp_path / "fineweb_train_000001.bin", list(range(1000, 1700)))
-    pattern, world, local_tokens, seq = str(tmp_path / "fineweb_train_*.bin"), 3, 64, 16
-    span = local_tokens + 1
+    pattern, world, window_tokens, seq = str(tmp_path / "fineweb_train_*.bin"), 3, 64, 16
+    layout = batch_layout(2 * world * window_tokens, 2 * world, seq, world)  # 2 whole micro-batches per rank
+    assert (layout.micro_steps, layout.micro_seqs) == (2, window_tokens // seq)
+    span = window_tokens + 1
     streams = [TokenStream(pattern, 65536) for _ in range(world)]
-    for step in range(12):  # 12 x 3 x 65 tokens: wraps past both shards twice
+    for step in range(6):  # 6 x 6 x 65 tokens: wraps past both shards
         windows = []
         for rank, stream in enumerate(streams):
-            x, y = stream.batch(local_tokens, seq, DistEnv(rank=rank, world_size=world))
-            start = (step * world + rank) * span  # the baseline's layout: rank r takes the r-th chunk of the step
-            expected = torch.tensor([(start + i) % 1700 for i in range(span)])
-            assert torch.equal(x.flatten(), expected[:-1]) and torch.equal(y.flatten(), expected[1:])
-            assert x.shape == (local_tokens // seq, seq)
-            windows.append(set(expected.tolist()))
-        assert all(not windows[a] & windows[b] for a in range(world) for b in range(a + 1, world)), step
+            for micro, (x, y) in enumerate(stream.step(layout, rank)):
+                # the baseline's layout: in micro-step k rank r takes the window k * world + r of the step
+                start = ((step * 2 + micro) * world + rank) * span
+                expected = torch.tensor([(start + i) % 1700 for i in range(span)])
+                assert torch.equal(x.flatten(), expected[:-1]) and torch.equal(y.flatten(), expected[1:])
+                assert x.shape == (window_tokens // seq, seq)
+                windows.append(set(expected.tolist()))
+        assert all(not windows[a] & windows[b] for a in range(len(windows)) for b in range(a + 1, len(windows)))
+        assert len({s.pos for s in streams}) == 1  # every rank's stream stays where one process's would be
+
+
+@pytest.mark.parametrize("windows,window_seqs,world", [
+    (1, 16, 1), (1, 16, 2), (1, 16, 16),  # the tiny preset: its one micro-batch split over the ranks
+    (8, 4, 1), (8, 4, 2), (8, 4, 8), (8, 4, 16),  # the baseline's 8: whole micro-batches, then halves
+    (2, 3, 3), (8, 3, 3), (2, 4, 8),  # neither divides the other
+])
+def test_every_world_size_runs_the_same_global_batch(tmp_path, windows, window_seqs, world):
+    seq = 4
+    write_shard(tmp_path / "fineweb_train_000000.bin", list(range(5000)))
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    one = batch_layout(windows * window_seqs * seq, windows, seq, 1)
+    layout = batch_layout(one.batch_tokens, windows, seq, world)
+    reference = TokenStream(pattern, 65536).step(one)
+    assert len(reference) == windows  # one process runs the configured micro-batches as they are
+    ranks = [TokenStream(pattern, 65536).step(layout, rank) for rank in range(world)]
+    # every rank the same number of micro-batches of the same size, never more sequences than configured
+    assert {len(r) for r in ranks} == {layout.micro_steps}
+    assert {tuple(x.shape) for r in ranks for x, _ in r} == {(layout.micro_seqs, seq)}
+    assert layout.micro_seqs <= window_seqs and layout.micro_steps * layout.micro_seqs * world == one.batch_seqs
+    if windows % world == 0:  # whole micro-batches: grad_accum_steps / world_size of them
+        assert (layout.micro_steps, layout.micro_seqs) == (windows // world, window_seqs)
+    elif world % windows == 0:  # each micro-batch split over world / windows ranks
+        assert (layout.micro_steps, layout.micro_seqs) == (1, window_seqs * windows // world)
+
+    def rows(batches):
+        return sorted(zip(*(torch.cat([t for t, _ in batches]).tolist(), torch.cat([t for _, t in batches]).tolist())))
+
+    # the same (input, target) sequences as one process: the batch does not depend on the world size
+    assert sorted(r for rank in ranks for r in rows(rank)) == rows(reference)
+    assert layout.step_tokens == one.step_tokens
+
+
+def test_a_batch_the_ranks_cannot_share_fails_with_the_numbers_and_the_fix():
+    with pytest.raises(OptionError) as info:
+        batch_layout(524_288, 8, 1024, 3)  # the baseline on 3 processes
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (
+        "batch_tokens=524288 is 512 sequences of seq_len=1024 per step, which 3 processes cannot share equally "
+        "(170.67 each): run a process count that divides 512 (e.g. --nproc_per_node=2 or 4), or --set "
+        "batch_tokens=516096 or 540672 (a multiple of 24576 splits into whole sequences for 3 processes and for "
+        "grad_accum_steps=8)"
+    )
+    for suggested in (516_096, 540_672):
+        batch_layout(suggested, 8, 1024, 3)  # the fix works
+    with pytest.raises(OptionError, match=r"divides 16 \(e.g. --nproc_per_node=16\), or --set batch_tokens=8192 "):
+        batch_layout(4096, 1, 256, 32)  # more processes than sequences
+    with pytest.raises(OptionError, match="whole seq_len=256 sequences; use a multiple of 512"):
+        batch_layout(4096 + 256, 2, 256, 1)
 
 
 # ---------------------------------------------------------------- QAT

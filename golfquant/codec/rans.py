@@ -36,9 +36,12 @@ summing to 2^p; stream = W uint32 final lane states, then uint16 words.
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import zlib
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -203,51 +206,167 @@ def _rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> bytes:
     return x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
 
 
-def _rans_decode(data: memoryview, n: int, cls: np.ndarray, freq: np.ndarray) -> np.ndarray:
-    """Inverse of _rans_encode for `n` symbols; `data` must be exactly the encoded stream."""
-    lanes = _lanes(n)
-    steps = -(-n // lanes)
-    nbytes = len(data) - 4 * lanes
-    if nbytes < 0 or nbytes % 2:
-        raise ArtifactError("rANS stream has a wrong length; the artifact is truncated or damaged")
-    x = np.frombuffer(data, "<u4", lanes).astype(np.uint64)
-    words = np.frombuffer(data, "<u2", offset=4 * lanes).astype(np.uint64)
-    if (x < _LOW).any():
-        raise ArtifactError("rANS lane state out of range; the artifact is damaged")
-    freq = _with_padding_class(freq)
-    pad = freq.shape[0] - 1
-    # Per-element arrays stay one byte wide (class < 256, symbol < 256): a tiny stream may declare many elements.
-    used = np.union1d(np.unique(cls), [pad])
-    remap = np.zeros(pad + 1, np.uint8)
-    remap[used] = np.arange(len(used), dtype=np.uint8)
-    pos_flat = np.full(steps * lanes, len(used) - 1, np.uint8)
-    pos_flat[:n] = remap[cls]
-    pos_flat = pos_flat.reshape(steps, lanes)
-    sub = freq[used]
-    nsym = sub.shape[1]
-    lut = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(used)), sub.ravel())
-    f_flat = sub.ravel().astype(np.uint64)
-    c_flat = (np.cumsum(sub, axis=1) - sub).ravel().astype(np.uint64)
-    out = np.empty((steps, lanes), np.uint8)
-    mask16 = np.uint64(0xFFFF)
-    at, total = 0, words.size
+class _Stream:
+    """One interleaved rANS stream to decode: n symbols, symbol e coded with the frequency row freq[cls[e]] (with
+    cls None, row 0 for all). Creating it checks the stream's length and lane states, so callers make one before
+    they allocate anything of size n (a tiny stream may declare many elements)."""
+
+    def __init__(self, data: memoryview, n: int, freq: np.ndarray):
+        self.n, self.freq, self.label = n, freq, ""
+        self.cls: np.ndarray | None = None  # uint8 [n]
+        self.used = np.zeros(1, np.int64)  # the classes cls holds, ascending
+        self.lanes = _lanes(n)
+        self.steps = -(-n // self.lanes)
+        nbytes = len(data) - 4 * self.lanes
+        if nbytes < 0 or nbytes % 2:
+            raise ArtifactError("rANS stream has a wrong length; the artifact is truncated or damaged")
+        self.states = np.frombuffer(data, "<u4", self.lanes).astype(np.int64)
+        self.words = np.frombuffer(data, "<u2", offset=4 * self.lanes)
+        if (self.states < _LOW).any():
+            raise ArtifactError("rANS lane state out of range; the artifact is damaged")
+
+    def fail(self, ended_early: bool) -> ArtifactError:
+        if ended_early:
+            return ArtifactError(f"{self.label}rANS stream ends early; the artifact is truncated or damaged")
+        return ArtifactError(f"{self.label}rANS stream does not decode to its initial state; the artifact is damaged")
+
+
+def _decode_scalar(st: _Stream) -> np.ndarray:
+    """Symbols of a stream of one frequency row and few lanes (the side information), one Python step per symbol:
+    far cheaper than a numpy step over one or two lanes."""
+    freq = st.freq[0].tolist()
+    cum = [0, *itertools.accumulate(freq)]
+    x, words = st.states.tolist(), st.words.tolist()
+    out = bytearray(st.n)
+    at = 0
+    try:
+        for first in range(0, st.n, st.lanes):
+            # the highest lane first: the order in which the encoder wrote the words of one step
+            for e in range(min(first + st.lanes, st.n) - 1, first - 1, -1):
+                v = x[e - first]
+                slot = v & 0xFFFF
+                s = bisect.bisect_right(cum, slot) - 1
+                v = freq[s] * (v >> 16) + slot - cum[s]
+                if v < _LOW:
+                    v = v << 16 | words[at]
+                    at += 1
+                x[e - first] = v
+                out[e] = s
+    except IndexError:
+        raise st.fail(True) from None
+    if at != len(words) or any(v != _LOW for v in x):
+        raise st.fail(False)
+    return np.frombuffer(out, np.uint8)
+
+
+_GROUP_SLACK = 2  # a lockstep group pads its streams to its longest one: at most this many cells per symbol
+_GROUP_ROWS = 1024  # distinct frequency rows of a group: its symbol table is 64 KiB per row
+
+
+def _decode_streams(streams: list[_Stream]) -> list[np.ndarray]:
+    """Symbols (uint8) of every stream. Streams are decoded together in lockstep groups (one numpy step per step
+    index across the lanes of all of a group's streams), longest first; a stream joins the group unless that
+    would pad the group past _GROUP_SLACK cells per symbol or _GROUP_ROWS frequency rows."""
+    used = [st.used for st in streams]
+    out: list[np.ndarray | None] = [None] * len(streams)
+    group: list[int] = []
+    rows: dict[int, set] = {}
+    lanes = symbols = 0
+    for i in sorted(range(len(streams)), key=lambda i: -streams[i].steps):
+        st = streams[i]
+        new_rows = len(set(used[i].tolist()) - rows.get(id(st.freq), set()))
+        if group and (streams[group[0]].steps * (lanes + st.lanes) > _GROUP_SLACK * (symbols + st.n)
+                      or sum(map(len, rows.values())) + new_rows > _GROUP_ROWS):
+            for j, sym in zip(group, _decode_group([streams[j] for j in group], [used[j] for j in group])):
+                out[j] = sym
+            group, rows, lanes, symbols = [], {}, 0, 0
+        group.append(i)
+        rows.setdefault(id(st.freq), set()).update(used[i].tolist())
+        lanes += st.lanes
+        symbols += st.n
+    if group:
+        for j, sym in zip(group, _decode_group([streams[j] for j in group], [used[j] for j in group])):
+            out[j] = sym
+    return out
+
+
+def _decode_group(streams: list[_Stream], used: list[np.ndarray]) -> list[np.ndarray]:
+    """Decode streams in lockstep: the lane states of all of them side by side, one frequency row per (table,
+    class) used, and shorter streams padded with a class that leaves a lane state unchanged."""
+    steps = streams[0].steps
+    # Frequency rows: 0 is the padding row (symbol 0 takes all of 2^16), then each table's used classes.
+    # cmap maps (table offset + class) to row << 16; a table's class len(freq) is the padding class.
+    tables: dict[int, tuple[np.ndarray, list]] = {}
+    for st, u in zip(streams, used):
+        tables.setdefault(id(st.freq), (st.freq, []))[1].append(u)
+    nrows = 1 + sum(len(np.unique(np.concatenate(us))) for _, us in tables.values())
+    lut = np.zeros(nrows * _M, np.uint8)
+    freq_of = np.zeros(nrows * 256, np.int64)  # row r, symbol s at r * 256 + s
+    cum_of = np.zeros(nrows * 256, np.int64)
+    freq_of[0] = _M
+    cmaps, table_at = [], {}
+    row = at = 1
+    for key, (freq, us) in tables.items():
+        classes = np.unique(np.concatenate(us))
+        sub = freq[classes]
+        nsym = sub.shape[1]
+        lut[row * _M:(row + len(classes)) * _M] = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(classes)),
+                                                             sub.ravel())
+        cells = ((row + np.arange(len(classes)))[:, None] * 256 + np.arange(nsym)).ravel()
+        freq_of[cells] = sub.ravel()
+        cum_of[cells] = (np.cumsum(sub, axis=1) - sub).ravel()
+        cmap = np.zeros(freq.shape[0] + 1, np.int64)
+        cmap[classes] = (row + np.arange(len(classes))) << 16
+        cmaps.append(cmap)
+        table_at[key] = at - 1
+        at += cmap.size
+        row += len(classes)
+    cmap = np.concatenate(cmaps)
+    bounds = np.cumsum([0] + [st.lanes for st in streams])
+    total = int(bounds[-1])
+    cls = np.empty((steps, total), np.uint8)
+    for st, a, b in zip(streams, bounds, bounds[1:]):
+        full, part = divmod(st.n, st.lanes)
+        pad = st.freq.shape[0]
+        if st.cls is None:
+            cls[:full, a:b] = 0
+        else:
+            cls[:full, a:b] = st.cls[:full * st.lanes].reshape(full, st.lanes)
+        if part:
+            cls[full, a:b] = pad
+            cls[full, a:a + part] = 0 if st.cls is None else st.cls[full * st.lanes:]
+            full += 1
+        cls[full:, a:b] = pad
+    offset = np.repeat([table_at[id(st.freq)] for st in streams], [st.lanes for st in streams])
+    x = np.concatenate([st.states for st in streams])
+    words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)])  # + one word to clip reads to
+    ends = np.cumsum([st.words.size for st in streams])
+    ptr = ends - [st.words.size for st in streams]  # each stream's next word
+    last = ptr - 1  # ptr - 1, kept along
+    count = np.arange(total)
+    sym = np.empty((steps, total), np.uint8)
     for t in range(steps):
-        row = pos_flat[t].astype(np.int64)
-        slot = x & mask16
-        s = lut[row * _M + slot.astype(np.int64)]
-        i = row * nsym + s
-        x = f_flat[i] * (x >> np.uint64(16)) + slot - c_flat[i]
-        m = x < _LOW
-        k = int(np.count_nonzero(m))
-        if k:
-            if at + k > total:
-                raise ArtifactError("rANS stream ends early; the artifact is truncated or damaged")
-            x[m] = (x[m] << np.uint64(16)) | words[at:at + k][::-1]
-            at += k
-        out[t] = s
-    if at != total or (x != _LOW).any():
-        raise ArtifactError("rANS stream does not decode to its initial state; the artifact is damaged")
-    return out.ravel()[:n]
+        high = cmap[offset + cls[t]]  # frequency row << 16
+        slot = x & 0xFFFF
+        s = lut[high | slot]
+        i = (high >> 8) | s
+        x = freq_of[i] * (x >> 16) + slot - cum_of[i]
+        sym[t] = s
+        renorm = (x < _LOW).nonzero()[0]
+        if renorm.size:
+            # A step reads the words of one stream highest lane first: the lane of rank g (ascending, over all
+            # streams) in the stream whose renormalizing lanes end at rank `end` reads word ptr + end - 1 - g.
+            end = renorm.searchsorted(bounds)[1:]
+            k = np.diff(end, prepend=0)
+            x[renorm] = (x[renorm] << 16) | words.take(np.repeat(last + end, k) - count[:renorm.size], mode="clip")
+            last += k
+    del cls
+    out = []
+    for st, a, b, p, end in zip(streams, bounds, bounds[1:], last + 1, ends):
+        if p != end or (x[a:b] != _LOW).any():
+            raise st.fail(p > end)
+        out.append(sym[:st.steps, a:b].reshape(-1)[:st.n])
+    return out
 
 
 # ---------------------------------------------------------------- stored order-0 tables
@@ -282,10 +401,14 @@ def _encode_values(v: np.ndarray) -> bytes:
     return table + _varints(np.array([len(stream)])) + stream
 
 
+_SCALAR_LANES = 16  # side information streams up to this many lanes are decoded in plain Python
+
+
 def _decode_values(r: _Reader, n: int) -> np.ndarray:
     freq = _read_table(r, 256)
-    stream = r.take(r.varint())
-    return _rans_decode(stream, n, np.zeros(n, np.uint8), freq[None]).astype(np.int16)
+    st = _Stream(r.take(r.varint()), n, freq[None])
+    sym = _decode_scalar(st) if st.lanes <= _SCALAR_LANES else _decode_streams([st])[0]
+    return sym.astype(np.int16)
 
 
 # ---------------------------------------------------------------- model choice
@@ -430,11 +553,10 @@ def _best_model(q: np.ndarray, bits: int) -> _CodingModel:
     return min(candidates, key=lambda m: m.estimated_bytes)
 
 
-def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
-    """Decode the rest of `r` (an order-0 or parametric body) into [rows, cols] codes."""
+def _plain_stream(r: _Reader, rows: int, cols: int, bits: int) -> _Stream:
+    """The rest of `r` (an order-0 or parametric body) as the stream of [rows, cols] symbols (code + qmax)."""
     kind = r.u8()
     n = rows * cols
-    qm = qmax(bits)
     if kind == _KIND_PARAMETRIC:
         flags, nu_i = r.u8(), r.u8()
         if flags > 3 or nu_i >= len(_NUS):
@@ -442,16 +564,20 @@ def _decode_plain(r: _Reader, rows: int, cols: int, bits: int) -> np.ndarray:
         shift = int.from_bytes(r.take(2), "little", signed=True)
         a = _decode_values(r, rows) if flags & 1 else np.zeros(rows, np.int16)
         b = _decode_values(r, cols) if flags & 2 else np.zeros(cols, np.int16)
+        st = _Stream(r.rest(), n, _parametric_freq(bits, nu_i))
         # int32 sums (not int64) keep the per-element temporaries small; the shift rides on the column vector.
         row, col = a.astype(np.int32), b.astype(np.int32) + shift
-        cls = np.clip(row[:, None] + col[None, :], 0, _K - 1).astype(np.uint8).ravel()
-        sym = _rans_decode(r.rest(), n, cls, _parametric_freq(bits, nu_i))
-    elif kind == _KIND_ORDER0:
-        freq = _read_table(r, 2 * qm + 1)
-        sym = _rans_decode(r.rest(), n, np.zeros(n, np.uint8), freq[None])
-    else:
-        raise ArtifactError(f"rANS blob kind {kind} is unknown or misplaced; the artifact is damaged")
-    return (sym - np.uint8(qm)).view(np.int8).reshape(rows, cols)  # wraps to the signed code
+        st.cls = np.clip(row[:, None] + col[None, :], 0, _K - 1).astype(np.uint8).ravel()
+        st.used = np.unique(np.clip(np.unique(row)[:, None] + np.unique(col)[None, :], 0, _K - 1))
+        return st
+    if kind == _KIND_ORDER0:
+        freq = _read_table(r, 2 * qmax(bits) + 1)
+        return _Stream(r.rest(), n, freq[None])
+    raise ArtifactError(f"rANS blob kind {kind} is unknown or misplaced; the artifact is damaged")
+
+
+def _signed(sym: np.ndarray, bits: int, rows: int, cols: int) -> np.ndarray:
+    return (sym - np.uint8(qmax(bits))).view(np.int8).reshape(rows, cols)  # wraps to the signed code
 
 
 # ---------------------------------------------------------------- near-duplicate rows
@@ -618,8 +744,14 @@ def estimate_encoded_bytes(codes, bits: int) -> float:
     return fit_size_model(codes, bits).estimated_bytes
 
 
-def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
-    """Inverse of encode_codes: int8 codes of `shape`; a damaged blob raises ArtifactError."""
+class _Pending:
+    """A blob parsed up to its main streams (side information decoded): what decode_codes_many decodes together."""
+
+    def __init__(self, streams: list[_Stream], finish: Callable[[list[np.ndarray]], np.ndarray]):
+        self.streams, self.finish = streams, finish
+
+
+def _parse(blob: bytes, shape: tuple, bits: int) -> _Pending:
     bits = _check_bits(bits, ArtifactError)
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
@@ -637,18 +769,56 @@ def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
     if n == 0:
         if r.u8() != _KIND_EMPTY or r.pos != len(r.data):
             raise ArtifactError(f"rANS blob does not hold an empty tensor of shape {shape}; the artifact is damaged")
-        return np.zeros(shape, np.int8)
+        return _Pending([], lambda _: np.zeros(shape, np.int8))
     if r.data[r.pos:r.pos + 1] != bytes([_KIND_SPLIT]):
-        return _decode_plain(r, rows, cols, bits).reshape(shape)
+        return _Pending([_plain_stream(r, rows, cols, bits)],
+                        lambda sym: _signed(sym[0], bits, rows, cols).reshape(shape))
     r.u8()
     ref = _decode_refs(r, rows)
     has = ref >= 0
     sub = _Reader(r.take(r.varint()))
-    q = np.empty((rows, cols), np.int16)
     nroots = rows - int(has.sum())
-    q[~has] = _decode_plain(sub, nroots, cols, bits)
-    q[has] = _decode_plain(r, rows - nroots, cols, bits)
-    qm = qmax(bits)
-    for i in np.flatnonzero(has):  # references point backwards, so row order resolves them
-        q[i] = _wrap(q[i] + q[ref[i]], qm)
-    return q.astype(np.int8).reshape(shape)
+    parts = [_plain_stream(sub, nroots, cols, bits), _plain_stream(r, rows - nroots, cols, bits)]
+
+    def finish(sym: list[np.ndarray]) -> np.ndarray:
+        q = np.empty((rows, cols), np.int16)
+        q[~has] = _signed(sym[0], bits, nroots, cols)
+        q[has] = _signed(sym[1], bits, rows - nroots, cols)
+        # References point backwards: resolve the rows one depth at a time (a root has depth 0).
+        linked = np.flatnonzero(has)
+        depth = [0] * rows
+        for i, j in zip(linked.tolist(), ref[linked].tolist()):
+            depth[i] = depth[j] + 1
+        level = np.array(depth)[linked]
+        order = linked[np.argsort(level, kind="stable")]
+        at = 0
+        for size in np.bincount(level)[1:].tolist():
+            i = order[at:at + size]
+            q[i] = _wrap(q[i] + q[ref[i]], qmax(bits))
+            at += size
+        return q.astype(np.int8).reshape(shape)
+
+    return _Pending(parts, finish)
+
+
+def decode_codes_many(items: Sequence[tuple[bytes, tuple, int]], names: Sequence[str] | None = None
+                      ) -> list[np.ndarray]:
+    """decode_codes of every (blob, shape, bits), the main streams of all of them decoded together (one numpy step
+    per step index across the lanes of every stream instead of one per stream). A damaged blob raises
+    ArtifactError, its message prefixed with its name."""
+    pending = []
+    for i, (blob, shape, bits) in enumerate(items):
+        label = f"{names[i]}: " if names is not None else ""
+        try:
+            pending.append(_parse(blob, shape, bits))
+        except ArtifactError as e:
+            raise ArtifactError(f"{label}{e}") from None
+        for st in pending[-1].streams:
+            st.label = label
+    symbols = iter(_decode_streams([st for p in pending for st in p.streams]))
+    return [p.finish([next(symbols) for _ in p.streams]) for p in pending]
+
+
+def decode_codes(blob: bytes, shape: tuple, bits: int) -> np.ndarray:
+    """Inverse of encode_codes: int8 codes of `shape`; a damaged blob raises ArtifactError."""
+    return decode_codes_many([(blob, shape, bits)])[0]

@@ -39,7 +39,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     """Upper Cholesky factor of (H + δ·mean(diag H)·I)⁻¹ in fp64, with δ escalated until both factorisations
     succeed. Returns (factor, δ used, number of escalations)."""
     h = h.double()
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
     mean = float(torch.diagonal(h).abs().mean()) or 1.0  # abs: a broken H may have negative diagonal entries
     delta, escalations = damp, 0
     for attempt in range(ESCALATIONS + 1):
@@ -91,7 +91,8 @@ def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool =
         dead = torch.diagonal(h) == 0
         h[dead, dead] = 1.0
         cols = h.shape[0]
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
+        perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
+                else torch.arange(cols, device=h.device))
         factor, damp_used, escalations = inverse_cholesky(h[perm][:, perm], damp)
         if escalations:
             log.warning("GPTQ: Cholesky failed at damp %g; used %.3g·mean(diag H) after %d escalation(s)",
@@ -143,11 +144,11 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, bits: int, scales: torch.Te
     hinv = prep.hinv
     s = scales.float()
     r = qmax(bits)
-    q = torch.empty(rows, cols)
+    q = torch.empty(rows, cols, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
-        err1 = torch.empty(rows, i2 - i1)
+        err1 = torch.empty(rows, i2 - i1, device=w.device)
         h1 = hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col = w1[:, j]

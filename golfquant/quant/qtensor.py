@@ -7,6 +7,7 @@ the output dtype, so every path agrees bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,13 @@ class QuantizedTensor:
     @property
     def shape(self) -> torch.Size:
         return self.codes.shape
+
+    def to(self, device: str | torch.device) -> "QuantizedTensor":
+        lqer = self.lqer
+        if lqer is not None:
+            lqer = dataclasses.replace(lqer, a_codes=lqer.a_codes.to(device), a_scale=lqer.a_scale.to(device),
+                                       b_codes=lqer.b_codes.to(device), b_scales=lqer.b_scales.to(device))
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)

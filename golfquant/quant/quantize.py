@@ -23,18 +23,21 @@ HESSIAN_CLIPS = ("hsdclip",)
 
 @dataclass(frozen=True)
 class Quantizer:
-    """How codes are made: `gptq` (Cholesky GPTQ at the clip's fixed row scales) or `rtn` (round to nearest)."""
+    """How codes are made: `gptq` (Cholesky GPTQ at the clip's fixed row scales) or `rtn` (round to nearest), in
+    fp32 on `device` (None: where the weight is); the values it returns are on the CPU, where artifacts are
+    encoded."""
 
     method: str = "gptq"
     block_size: int = 128
     act_order: bool = True
     damp: float = 0.01
+    device: torch.device | None = None
 
     def prepare(self, hessian: torch.Tensor | None) -> list[PreparedHessian] | None:
         """The GPTQ factorisation of one Hessian, to share across the candidates quantized against it."""
         if self.method != "gptq" or hessian is None:
             return None
-        return prepare_hessian(hessian, self.damp, self.act_order)
+        return prepare_hessian(hessian.to(self.device or hessian.device), self.damp, self.act_order)
 
     def __call__(self, w: torch.Tensor, bits: int, clip: ClipSpec, role: str | None, hessian: torch.Tensor | None,
                  lqer: LqerOptions | None = None, prepared: list[PreparedHessian] | None = None,
@@ -42,7 +45,9 @@ class Quantizer:
         """Codes of w at `bits` with `clip`; GPTQ's statistics when it ran (errors=False: without the
         Hessian-weighted errors). With `lqer` (rank > 0) the result carries a low-rank correction of its error,
         fitted with the activation scaling of the Hessian."""
-        w = w.float()
+        device = self.device or w.device
+        w = w.to(device).float()
+        hessian = None if hessian is None else hessian.to(device)
         if clip.method in HESSIAN_CLIPS and hessian is None:
             clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
         stats = None
@@ -54,4 +59,4 @@ class Quantizer:
             qt = quantize_rtn(w, bits, clip, role, hessian)
         if lqer is not None and lqer.rank > 0:
             qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
-        return qt, stats
+        return qt.to("cpu"), stats

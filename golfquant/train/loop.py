@@ -5,9 +5,11 @@ LR warmdown at the end (by step, or by wallclock when a cap is set, as the basel
 `val_every` steps and at the end, then an atomic checkpoint in the baseline's state_dict layout, written by
 rank 0.
 
-Distributed as the baseline is: every micro-step the token stream advances by world_size * (local + 1) tokens
-and rank r keeps the r-th contiguous chunk; gradients are averaged by DistributedDataParallel (synchronised
-on the last micro-batch only); Muon orthogonalizes a 1/world_size share of the matrices per rank (muon.py).
+Distributed as the baseline is, on any world size that splits the global batch into whole sequences: the
+global batch (batch_tokens as grad_accum_steps micro-batches) is the same on every world size and the ranks
+share it equally, running whole micro-batches or equal shares of one (batches.py); gradients are averaged by
+DistributedDataParallel (synchronised on the last micro-batch only); Muon orthogonalizes a 1/world_size share of
+the matrices per rank (muon.py).
 Every decision that depends on the clock (stop at the cap, warmdown, QAT switch) is taken from the slowest
 rank's clock, all-reduced, so all ranks agree.
 
@@ -18,7 +20,6 @@ inside the one step loop, on its state, which is why they are not separate modul
 from __future__ import annotations
 
 import contextlib
-import glob
 import inspect
 import math
 import time
@@ -26,18 +27,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
-from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens, read_shard
+from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.model import GPT, CastedLinear, GPTConfig
 from golfquant.plan import is_control_tensor
 from golfquant.train import distributed
+from golfquant.train.batches import TokenStream, batch_layout
 from golfquant.train.distributed import DistEnv
 from golfquant.train.muon import Muon, muon_momentum
 from golfquant.train.qat import attach_qat, detach_qat, parse_qat, parse_qat_clip, refresh_qat, set_qat
@@ -55,7 +56,8 @@ AMP_MODES = ("auto", "bf16", "fp32")
 class TrainConfig:
     steps: int = 20000  # length of the schedule (warmdown, QAT start)
     batch_tokens: int = 524_288  # tokens per optimizer step over all ranks and micro-batches
-    grad_accum_steps: int = 1  # micro-batches per step over all ranks; each rank runs grad_accum_steps/world
+    grad_accum_steps: int = 1  # micro-batches the global batch is written as, over all ranks (the baseline: 8):
+    # each rank runs grad_accum_steps / world_size of them, or an equal share of one (batches.py)
     matrix_lr: float = 0.04
     tied_embed_lr: float = 0.05
     embed_lr: float = 0.6  # untied embeddings only
@@ -137,59 +139,6 @@ class TrainResult:
     out_path: str
     world_size: int = 1
     stopped_by_wallclock: bool = False
-
-
-class TokenStream:
-    """Reads the train shards in name order, one at a time, wrapping around forever (deterministic).
-
-    Shards stay uint16 in memory; only the spans taken are widened to int64.
-    """
-
-    def __init__(self, pattern: str, vocab_size: int):
-        self.files = sorted(glob.glob(str(pattern)))
-        if not self.files:
-            raise DataError(f"no train shard matches {pattern!r}; check --data or build one with `golfquant data build`")
-        self.vocab_size = vocab_size
-        self.file_idx = -1
-        self.tokens = np.empty(0, dtype=np.uint16)
-        self.pos = 0
-
-    def _open(self, idx: int) -> None:
-        self.file_idx = idx % len(self.files)
-        self.tokens = read_shard(self.files[self.file_idx])
-        self.pos = 0
-
-    def take(self, n: int) -> Tensor:
-        chunks, remaining = [], n
-        while remaining > 0:
-            if self.pos >= self.tokens.size:
-                self._open(self.file_idx + 1)
-                continue
-            k = min(remaining, self.tokens.size - self.pos)
-            chunk = torch.from_numpy(self.tokens[self.pos : self.pos + k].astype(np.int64))
-            check_tokens_fit(chunk, self.vocab_size, source=f"train shard {self.files[self.file_idx]}")
-            chunks.append(chunk)
-            self.pos += k
-            remaining -= k
-        return torch.cat(chunks)
-
-    def batch(self, tokens: int, seq_len: int, env: DistEnv = DistEnv()) -> tuple[Tensor, Tensor]:
-        """This rank's inputs and targets [tokens/seq_len, seq_len].
-
-        The stream advances by world_size * (tokens + 1) tokens; rank r keeps the r-th chunk of tokens + 1,
-        so no two ranks (and no two micro-steps) ever see the same window.
-        """
-        span = tokens + 1
-        chunk = self.take(env.world_size * span)[env.rank * span : (env.rank + 1) * span]
-        return chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
-
-    def state(self) -> dict:
-        return {"file": self.file_idx, "pos": self.pos, "files": len(self.files)}
-
-    def restore(self, state: dict) -> None:
-        if state["file"] >= 0:
-            self._open(state["file"])
-            self.pos = min(state["pos"], self.tokens.size)
 
 
 def lr_scale(step: int, train_seconds: float, cfg: TrainConfig) -> float:
@@ -301,22 +250,6 @@ def _load_val(val_pattern: str, model_config: GPTConfig) -> Tensor:
             f"{model_config.seq_len + 1}; use a shorter seq_len or more validation data"
         )
     return tokens
-
-
-def local_micro_batches(cfg: TrainConfig, seq_len: int, env: DistEnv) -> int:
-    """Micro-batches this rank runs per step; OptionError unless the global batch splits evenly."""
-    micro_tokens = cfg.batch_tokens // cfg.grad_accum_steps
-    if cfg.batch_tokens % cfg.grad_accum_steps or micro_tokens % seq_len:
-        raise OptionError(
-            f"batch_tokens={cfg.batch_tokens} must split into grad_accum_steps={cfg.grad_accum_steps} micro-batches "
-            f"of whole seq_len={seq_len} sequences"
-        )
-    if cfg.grad_accum_steps % env.world_size:
-        raise OptionError(
-            f"grad_accum_steps={cfg.grad_accum_steps} micro-batches per step cannot be shared by {env.world_size} "
-            f"processes; set --set grad_accum_steps=<a multiple of {env.world_size}>"
-        )
-    return cfg.grad_accum_steps // env.world_size
 
 
 def eval_distributed(model: GPT, tokens: Tensor, luts, seq_len: int, env: DistEnv, device: torch.device,
@@ -453,8 +386,9 @@ def train(
     """
     cfg, seq_len = train_config, model_config.seq_len
     env = distributed.current()
-    accum = local_micro_batches(cfg, seq_len, env)
-    micro_tokens = cfg.batch_tokens // cfg.grad_accum_steps
+    # before any work: a global batch the ranks cannot share in whole sequences fails here, in one line
+    layout = batch_layout(cfg.batch_tokens, cfg.grad_accum_steps, seq_len, env.world_size)
+    accum = layout.micro_steps
     stop_step = min(cfg.stop_step or cfg.steps, cfg.steps)
     device = _device(cfg)
     bf16 = _use_bf16(cfg, device)
@@ -481,7 +415,7 @@ def train(
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
                                           **_NO_BUFFER_SYNC)
     if cfg.compile:
-        _compile_warmup(forward, micro_tokens // seq_len, seq_len, device, bf16)
+        _compile_warmup(forward, layout.micro_seqs, seq_len, device, bf16)
 
     def evaluate(max_tokens: int | None) -> EvalResult:
         return eval_distributed(model, val_tokens, luts, seq_len, env, device, max_tokens)
@@ -503,8 +437,7 @@ def train(
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = stream.batch(micro_tokens, seq_len, env)
+        for micro, (x, y) in enumerate(stream.step(layout, env.rank)):
             # DDP all-reduces the gradients on the last micro-batch only.
             sync = forward.no_sync() if env.enabled and micro < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -528,7 +461,8 @@ def train(
             with torch.no_grad():
                 for name, t in ema.items():
                     t.lerp_(params[name].detach(), 1.0 - cfg.ema_decay)
-        loss_value = float(distributed.all_reduce_(loss_sum)) / cfg.grad_accum_steps
+        # every micro-batch on every rank holds the same number of tokens: the mean of their means
+        loss_value = float(distributed.all_reduce_(loss_sum)) / (accum * env.world_size)
         if not math.isfinite(loss_value):
             raise OptionError(f"training diverged at step {clock.step + 1} (loss {loss_value}); "
                               "lower the learning rates")

@@ -16,6 +16,7 @@ def _tiny() -> tuple[GPTConfig, TrainConfig]:
     model = GPTConfig(num_layers=4, model_dim=320, num_heads=8, num_kv_heads=8, mlp_mult=2, seq_len=256)
     train = TrainConfig(
         # Small batches win at this token budget: 4096x120 steps beat 8192x60 steps (val_bpb 2.49 vs 2.59).
+        # One micro-batch of 16 sequences (grad_accum_steps=1): under torchrun each of N processes runs 16/N.
         steps=550, batch_tokens=4096, warmdown_steps=220, muon_momentum_warmup_steps=100,
         val_every=100, val_max_tokens=32768, save_dtype="bfloat16",
     )
@@ -25,7 +26,7 @@ def _tiny() -> tuple[GPTConfig, TrainConfig]:
 def _baseline() -> tuple[GPTConfig, TrainConfig]:
     # The challenge's root train_gpt.py: 9x512 sp1024, 524,288 tokens per step, seq 1024, 20,000 steps within
     # the 600 s cap. 8 micro-batches of 64 sequences per step over all ranks, as the baseline's
-    # grad_accum_steps = 8 // world_size: one per GPU on 8 GPUs, the same numerics on fewer.
+    # grad_accum_steps = 8 // world_size: one per GPU on 8 GPUs, 8 in a row on one, half of one each on 16.
     train = TrainConfig(steps=20000, batch_tokens=524_288, grad_accum_steps=8, warmdown_steps=1200, val_every=1000,
                         max_wallclock_seconds=600.0)
     return GPTConfig(), train
