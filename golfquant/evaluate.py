@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from golfquant.calib import model_logits
 from golfquant.data import ByteLUTs, check_tokens_fit, count_target_bytes
+from golfquant.distributed import all_reduce_, current
 from golfquant.errors import DataError, OptionError
 
 
@@ -89,7 +90,9 @@ def eval_val_bpb(
 
     Either way the targets are tokens 1..((N-1)//seq_len)*seq_len of the stream's first N tokens (all, or
     max_tokens + 1). stride=None: contiguous sequences. stride=s: windows every s tokens, the first scoring all
-    positions, the others their last s. `progress(done, total)` is called after each batch.
+    positions, the others their last s. `progress(done, total)` is called after each batch. Under torchrun the
+    batches are shared over the processes and the loss, token and byte sums all-reduced in fp64, as the records'
+    evaluation does; every process returns the result.
     """
     if seq_len < 1 or batch_seqs < 1:
         raise OptionError(f"seq_len and batch_seqs must be positive, got {seq_len} and {batch_seqs}")
@@ -112,30 +115,34 @@ def eval_val_bpb(
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    token_count = byte_count = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    env, checked = current(), False
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for done, batch in enumerate(batches, 1):
+                if done % env.world_size != env.rank % env.world_size:
+                    continue
                 with autocast:
                     logits = model_logits(model, batch.x)
-                if done == 1:
+                if not checked:  # the logits' width is known only now
                     check_tokens_fit(tokens, logits.shape[-1])
+                    checked = True
                 nll = F.cross_entropy(logits.float().flatten(0, 1), batch.y.flatten(), reduction="none")
                 nbytes = count_target_bytes(batch.x, batch.y, luts).flatten()
                 if batch.scored is not None:
                     keep = batch.scored.flatten()
                     nll, nbytes = nll[keep], nbytes[keep]
-                loss_sum += nll.double().sum()
-                token_count += nll.numel()
-                byte_count += int(nbytes.sum())
+                sums += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=device),
+                                     nbytes.double().sum()])
                 if progress is not None:
                     progress(done, total)
     finally:
         model.train(was_training)
+    loss_sum, token_count, byte_count = all_reduce_(sums).tolist()
+    token_count, byte_count = int(token_count), int(byte_count)
 
-    val_loss = float(loss_sum) / token_count
+    val_loss = loss_sum / token_count
     val_bpb = (val_loss / math.log(2)) * (token_count / byte_count)
     return EvalResult(val_loss=val_loss, val_bpb=val_bpb, tokens=token_count, bytes=byte_count)

@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import torch
 
 from golfquant.codec.sizemodel import order0_bytes
+from golfquant.distributed import collective, my_items
 from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
@@ -172,6 +173,22 @@ def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Can
     """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
     Candidates that differ only by an LQER correction share the codes of their base."""
     start = time.perf_counter()
+    names = list(grids)
+
+    def my_share() -> dict[str, list[Measured]]:
+        # Under torchrun each process measures a share of the tensors, the largest first; all get every row.
+        mine = my_items(names, [state_dict[n].numel() for n in names])
+        return _measure_tensors(state_dict, {n: grids[n] for n in mine}, roles, hessians, quantizer, damage, progress)
+
+    rows = {k: v for part in collective(my_share) for k, v in part.items()}
+    info = dataclasses.replace(info, seconds=round(time.perf_counter() - start, 2),
+                               candidates=sum(len(g) for g in grids.values()), cached=False)
+    return Measurement(key, {n: rows[n] for n in names}, info)
+
+
+def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Candidate]],
+                     roles: Mapping[str, str], hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer,
+                     damage: Damage, progress: Callable[[int, int], None] | None) -> dict[str, list[Measured]]:
     tensors: dict[str, list[Measured]] = {}
     total, done = sum(len(g) for g in grids.values()), 0
     for name, grid in grids.items():
@@ -193,8 +210,7 @@ def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Can
             if progress is not None:
                 progress(done, total)
         tensors[name] = rows
-    info = dataclasses.replace(info, seconds=round(time.perf_counter() - start, 2), candidates=total, cached=False)
-    return Measurement(key, tensors, info)
+    return tensors
 
 
 def _with_lqer(qt: QuantizedTensor, w: torch.Tensor, lqer: LqerOptions, h: torch.Tensor | None) -> QuantizedTensor:

@@ -15,7 +15,7 @@ import torch
 from golfquant.calib import (Hessian, calibration_hessians, calibration_tokens, capture_hessians_sequential,
                              heldout_tokens, resolve_batch)
 from golfquant.checkpoint import Checkpoint
-from golfquant.distributed import resolve_device
+from golfquant.distributed import collective, my_items, resolve_device
 from golfquant.factory import build_model
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
@@ -76,16 +76,26 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
     meta: dict = {"method": opts.method, "clip": str(spec)}
     calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration, model)
     hessians = calibration.hessians
+    todo = [n for n, tp in plan.items() if tp.bits is not None and n not in calibration.quantized]
+
+    def my_share() -> dict[str, tuple[QuantizedTensor, TensorReport]]:
+        # Under torchrun each process quantizes a share of the tensors, the largest first; all get every result.
+        mine = my_items(todo, [sd[n].numel() for n in todo])
+        done = {}
+        for i, name in enumerate(mine, 1):
+            done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, hessian_of(hessians, name), opts)
+            if progress is not None:
+                progress("quantize", i, len(mine))
+        return done
+
+    results = calibration.quantized | {k: v for part in collective(my_share) for k, v in part.items()}
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
     reports: list[TensorReport] = []
     for name, tp in plan.items():
         if tp.bits is None:
             out[name] = cast_to_scheme(sd[name], tp.scheme)
             continue
-        if name in calibration.quantized:
-            out[name], report = calibration.quantized[name]
-        else:
-            out[name], report = quantize_tensor(sd[name], tp, tp.bits, spec, hessian_of(hessians, name), opts)
+        out[name], report = results[name]
         reports.append(report)
         if on_tensor:
             on_tensor(report)

@@ -1,7 +1,9 @@
 """`golfquant train`: train the baseline GPT (or the small bundled preset) on challenge-format token shards.
 
 Runs as one process or under `torchrun --nproc_per_node=N -m golfquant_cli.main train ...` (DDP: NCCL on
-GPUs, gloo on CPU); only rank 0 prints and writes the checkpoint.
+GPUs, gloo on CPU); only rank 0 prints and writes the checkpoint. The global batch is the preset's on every N
+(golfquant/train/batches.py): the N processes share its micro-batches, or split a micro-batch when there are
+fewer micro-batches than processes, so no flag changes with N.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import click
 import torch
 
 from golfquant.data import default_data_dir
-from golfquant.train import PRESETS, TrainProgress, apply_overrides, distributed, preset, train as run_training
+from golfquant.errors import GolfquantError
+from golfquant.model import GPTConfig
+from golfquant.train import (PRESETS, BatchLayout, TrainConfig, TrainProgress, apply_overrides, batch_layout,
+                             distributed, preset, train as run_training)
 from golfquant_cli import render
 
 
@@ -60,10 +65,13 @@ def _progress(mode: str, steps: int, log_every: int) -> Iterator[Callable[[Train
 
 @click.command("train")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
-              help="tiny: the bundled 4x320 model (~10 min on one CPU thread); baseline: the challenge's 9x512.")
+              help="tiny: the bundled 4x320 model (~10 min on one CPU thread), 4,096 tokens per step as one "
+                   "micro-batch; baseline: the challenge's 9x512, 524,288 tokens per step as 8 micro-batches.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides the preset).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Any model or train config field, e.g. --set model_dim=384 --set matrix_lr=0.03 (repeatable).")
+              help="Any model or train config field, e.g. --set model_dim=384 --set matrix_lr=0.03 (repeatable). "
+                   "batch_tokens is the global batch (per step, all processes together) and grad_accum_steps the "
+                   "micro-batches it is written as (all processes together, not per process).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with fineweb_train_*.bin, fineweb_val_*.bin [default: the bundled dataset].")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -94,6 +102,11 @@ def train(preset_name, steps, overrides, data_dir, tokenizer, out, max_wallclock
     """Train a GPT (from scratch, or --resume) and write a checkpoint that `golfquant quantize` reads.
 
     Data-parallel over N processes: torchrun --standalone --nproc_per_node=N -m golfquant_cli.main train ...
+
+    The global batch stays the preset's (batch_tokens per step, as grad_accum_steps micro-batches) for every N:
+    each process runs grad_accum_steps/N micro-batches, or a 1/N share of one when N is larger (the tiny preset
+    on 2 processes: 8 of its 16 sequences each). N must split the batch into whole sequences; otherwise the
+    run stops before any work, saying which N or batch_tokens would.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -107,13 +120,16 @@ def train(preset_name, steps, overrides, data_dir, tokenizer, out, max_wallclock
 
 def _train(env, preset_name, steps, overrides, data_dir, tokenizer, out, max_wallclock, ema, use_compile, qat,
            qat_start, qat_clip, resume, seed, log_every, as_json):
-    model_config, train_config = preset(preset_name)
     flags = {"steps": steps, "seed": seed, "max_wallclock_seconds": max_wallclock, "ema_decay": ema,
              "compile": use_compile, "qat": qat, "qat_start": qat_start, "qat_clip": qat_clip}
-    items = [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]  # typed flags win over --set
-    model_config, train_config = apply_overrides(model_config, train_config, items)
-    if train_config.qat and not any(item.strip().startswith("qat_clip=") for item in items):
-        train_config = dataclasses.replace(train_config, qat_clip=quantize_default_clip())
+    try:
+        model_config, train_config, layout = _configs(env, preset_name, overrides, flags)
+    except GolfquantError:
+        # The configs depend on the command line only, so every rank fails alike: rank 0 says why, once, and
+        # fails the run; the others leave quietly with status 0, so torchrun cannot stop rank 0 before it speaks.
+        if env.is_main:
+            raise
+        raise click.exceptions.Exit(0) from None
     data_dir = data_dir if data_dir is not None else default_data_dir()
     tokenizer = tokenizer if tokenizer is not None else data_dir / "tokenizer.model"
     talk = env.is_main and not as_json
@@ -121,7 +137,8 @@ def _train(env, preset_name, steps, overrides, data_dir, tokenizer, out, max_wal
         rows = [("model", k, v) for k, v in asdict(model_config).items()]
         rows += [("train", k, v) for k, v in asdict(train_config).items()]
         rows += [("data", "dir", data_dir), ("data", "tokenizer", tokenizer), ("out", "path", out),
-                 ("run", "processes", env.world_size), ("run", "resume", resume or "-")]
+                 ("run", "processes", env.world_size), ("run", "micro-batches", layout.describe()),
+                 ("run", "resume", resume or "-")]
         render.console.print(render.table(f"golfquant train --preset {preset_name}", ["group", "key", "value"], rows))
 
     log: list[TrainProgress] = []
@@ -139,8 +156,8 @@ def _train(env, preset_name, steps, overrides, data_dir, tokenizer, out, max_wal
     if not env.is_main:
         return
     if as_json:
-        render.emit_json({"model": asdict(model_config), "train": asdict(train_config), "result": asdict(result),
-                          "log": [asdict(p) for p in log]})
+        render.emit_json({"model": asdict(model_config), "train": asdict(train_config), "layout": asdict(layout),
+                          "result": asdict(result), "log": [asdict(p) for p in log]})
         return
     stop = " (stopped by the wallclock cap)" if result.stopped_by_wallclock else ""
     click.echo(f"final val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} steps:{result.steps}{stop}")
@@ -150,6 +167,19 @@ def _train(env, preset_name, steps, overrides, data_dir, tokenizer, out, max_wal
         f"{result.world_size} process(es); {result.params:,} params -> {result.out_path} "
         f"({Path(result.out_path).stat().st_size:,} bytes)"
     )
+
+
+def _configs(env, preset_name, overrides, flags) -> tuple[GPTConfig, TrainConfig, BatchLayout]:
+    """(model config, train config, micro-batching on this world size): the preset, then --set, then the typed
+    flags; OptionError before any work when the processes cannot share the global batch."""
+    model_config, train_config = preset(preset_name)
+    items = [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]  # typed flags win over --set
+    model_config, train_config = apply_overrides(model_config, train_config, items)
+    if train_config.qat and not any(item.strip().startswith("qat_clip=") for item in items):
+        train_config = dataclasses.replace(train_config, qat_clip=quantize_default_clip())
+    layout = batch_layout(train_config.batch_tokens, train_config.grad_accum_steps, model_config.seq_len,
+                          env.world_size)
+    return model_config, train_config, layout
 
 
 if __name__ == "__main__":  # `python -m golfquant_cli.train_cmd`, usable before `golfquant` is installed

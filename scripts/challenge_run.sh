@@ -11,6 +11,8 @@
 #   CODE [train_gpt.py]   the code file whose bytes count toward the cap
 #   OUT [./golfquant_run]  where final_model.pt, the artifact and the JSON reports go
 #   NPROC [8]  WALLCLOCK [600]  BUDGET [16000000]  CALIB_SEQS [64]
+#     NPROC: any process count that divides the 512 sequences of a step (1, 2, 4, 8, 16, ...); the global batch
+#     stays the baseline's 524,288 tokens, as 8 micro-batches shared by the processes (or split, on 16 or more)
 #   PYTHON [python]  GOLFQUANT [golfquant]
 #   TRAIN_ARGS  extra `golfquant train` flags, e.g. "--ema 0.997 --qat mlp=int6,attn=int6"
 #   QUANT_ARGS  extra `golfquant quantize` flags, e.g. "--clip sdclip --embed int8"
