@@ -16,11 +16,12 @@ from typing import Callable, Iterator
 import click
 import torch
 
+from golfquant import distributed
 from golfquant.data import default_data_dir
 from golfquant.errors import GolfquantError
 from golfquant.model import GPTConfig
-from golfquant.train import (PRESETS, BatchLayout, TrainConfig, TrainProgress, apply_overrides, batch_layout,
-                             distributed, preset, train as run_training)
+from golfquant.train import (PRESETS, BatchLayout, TrainConfig, TrainProgress, apply_overrides, batch_layout, preset,
+                             train as run_training)
 from golfquant_cli import render
 
 

@@ -31,15 +31,14 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from golfquant import distributed
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
 from golfquant.errors import CheckpointError, DataError, OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.model import GPT, CastedLinear, GPTConfig
 from golfquant.plan import is_control_tensor
-from golfquant.train import distributed
 from golfquant.train.batches import TokenStream, batch_layout
-from golfquant.train.distributed import DistEnv
 from golfquant.train.muon import Muon, muon_momentum
 from golfquant.train.qat import attach_qat, detach_qat, parse_qat, parse_qat_clip, refresh_qat, set_qat
 
@@ -173,7 +172,7 @@ def next_step_exceeds_cap(step: int, train_seconds: float, cfg: TrainConfig) -> 
 
 
 def build_optimizers(model: GPT, cfg: TrainConfig,
-                     env: DistEnv = DistEnv()) -> tuple[list[torch.optim.Optimizer], Muon]:
+                     env: distributed.DistEnv = distributed.DistEnv()) -> tuple[list[torch.optim.Optimizer], Muon]:
     """Muon for the blocks' 2-D matrices; Adam for tok_emb (and lm_head) and for control/low-dim tensors."""
     matrices, scalars = [], []
     for name, p in model.blocks.named_parameters():
@@ -250,26 +249,6 @@ def _load_val(val_pattern: str, model_config: GPTConfig) -> Tensor:
             f"{model_config.seq_len + 1}; use a shorter seq_len or more validation data"
         )
     return tokens
-
-
-def eval_distributed(model: GPT, tokens: Tensor, luts, seq_len: int, env: DistEnv, device: torch.device,
-                     max_tokens: int | None = None) -> EvalResult:
-    """val_bpb with the sequences split contiguously over ranks and the sums all-reduced (the baseline's way).
-
-    Equals the one-process `eval_val_bpb` on the same tokens up to the order of float additions.
-    """
-    if max_tokens is not None:
-        tokens = tokens[: max_tokens + 1]
-    start, end = distributed.rank_slice((tokens.numel() - 1) // seq_len, env)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, bytes
-    if end > start:
-        part = eval_val_bpb(model, tokens[start * seq_len : end * seq_len + 1], luts, seq_len, device=device)
-        sums += torch.tensor([part.val_loss * part.tokens, part.tokens, part.bytes], dtype=torch.float64,
-                             device=device)
-    loss_sum, count, nbytes = distributed.all_reduce_(sums).tolist()
-    val_loss = loss_sum / count
-    return EvalResult(val_loss=val_loss, val_bpb=val_loss / math.log(2) * count / nbytes, tokens=int(count),
-                      bytes=int(nbytes))
 
 
 @dataclass
@@ -418,7 +397,7 @@ def train(
         _compile_warmup(forward, layout.micro_seqs, seq_len, device, bf16)
 
     def evaluate(max_tokens: int | None) -> EvalResult:
-        return eval_distributed(model, val_tokens, luts, seq_len, env, device, max_tokens)
+        return eval_val_bpb(model, val_tokens, luts, seq_len, device=device, max_tokens=max_tokens)
 
     loss_value, stopped_by_clock = math.nan, False
     model.train()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from golfquant.train import distributed
+from golfquant import distributed
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
