@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -594,13 +594,52 @@ def _section_payload(region: memoryview, s: dict, where: str) -> bytes:
     return _unshuffle(raw, _shuffle_stride(s["layout"]))
 
 
-def _decode_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str) -> torch.Tensor:
-    if s["codec"] not in CODES_CODECS:
-        return unpack_codes(_section_payload(region, s, where), bits, s["layout"], shape)
+def _code_refs(t: dict) -> dict[str, tuple[int, tuple[int, ...], int]]:
+    """(codes section, shape, bits) of a quantized tensor's codes ("codes") and of its LQER factors ("a", "b")."""
+    shape = tuple(t["shape"])
+    refs = {"codes": (t["codes"], shape, t["bits"])}
+    lq = t["lqer"]
+    if lq is not None:
+        refs["a"] = (lq["a_codes"], (shape[-2], lq["rank"]), lq["a_bits"])
+        refs["b"] = (lq["b_codes"], (lq["rank"], shape[-1]), lq["b_bits"])
+    return refs
+
+
+def _codes_blob(region: memoryview, s: dict, where: str) -> bytes:
     blob = bytes(region[s["offset"] : s["offset"] + s["length"]])
     if zlib.crc32(blob) != s["crc32"]:
         raise ArtifactError(f"{where}: checksum mismatch (the file is damaged)")
-    arr = CODES_CODECS[s["codec"]].decode(blob, shape, bits)
+    return blob
+
+
+def _decode_together(region: memoryview, manifest: dict, path: str | os.PathLike
+                     ) -> dict[tuple[int, tuple[int, ...], int], np.ndarray]:
+    """Codes of every section whose codes codec has `decode_many`, by (section, shape, bits), each codec's sections
+    in one call: rANS decodes the lanes of all of them together, one numpy step per step index instead of one per
+    step of every section (most of a load's time otherwise). Other sections are decoded one at a time
+    (_decode_codes)."""
+    sections = manifest["sections"]
+    todo: dict[str, dict[tuple[int, tuple[int, ...], int], str]] = {}  # codec -> key -> where
+    for t in manifest["tensors"]:
+        for key in _code_refs(t).values() if t["kind"] == "quant" else ():
+            name = sections[key[0]]["codec"]
+            if getattr(CODES_CODECS.get(name), "decode_many", None) is not None:
+                todo.setdefault(name, {}).setdefault(key, f"artifact {path}: tensor '{t['name']}' sections[{key[0]}]")
+    decoded = {}
+    for name, keys in todo.items():
+        items = [(_codes_blob(region, sections[index], where), shape, bits)
+                 for (index, shape, bits), where in keys.items()]
+        decoded.update(zip(keys, CODES_CODECS[name].decode_many(items, list(keys.values()))))
+    return decoded
+
+
+def _decode_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str,
+                  arr: np.ndarray | None = None) -> torch.Tensor:
+    """Codes of a section; `arr`: those its codes codec already decoded (see _decode_together)."""
+    if s["codec"] not in CODES_CODECS:
+        return unpack_codes(_section_payload(region, s, where), bits, s["layout"], shape)
+    if arr is None:
+        arr = CODES_CODECS[s["codec"]].decode(_codes_blob(region, s, where), shape, bits)
     r = qmax(bits)
     if not isinstance(arr, np.ndarray) or arr.dtype != np.int8 or arr.shape != shape \
             or (arr.size and (int(arr.min()) < -r or int(arr.max()) > r)):
@@ -636,6 +675,12 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
     def scales(ref: dict, shape: tuple[int, ...], where: str) -> torch.Tensor:
         return _frombuffer(payload(ref["section"]), ref["offset"], shape, "float16", where)
 
+    decoded = _decode_together(region, manifest, path)
+
+    def codes(key: tuple[int, tuple[int, ...], int], where: str) -> torch.Tensor:
+        index, shape, bits = key
+        return _decode_codes(region, sections[index], shape, bits, f"{where} sections[{index}]", decoded.get(key))
+
     tensors: dict[str, QuantizedTensor | PackedWeight | torch.Tensor] = {}
     for t in manifest["tensors"]:
         where = f"artifact {path}: tensor '{t['name']}'"
@@ -644,34 +689,32 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
             ref = t["data"]
             tensors[t["name"]] = _frombuffer(payload(ref["section"]), ref["offset"], shape, ref["dtype"], where)
             continue
+        refs = _code_refs(t)
         lqer = None
         if t["lqer"] is not None:
             lq = t["lqer"]
-            a_shape, b_shape = (shape[-2], lq["rank"]), (lq["rank"], shape[-1])
             lqer = LowRankFactors(
-                a_codes=_decode_codes(region, sections[lq["a_codes"]], a_shape, lq["a_bits"], where),
-                a_scale=scales(lq["a_scale"], (), where), a_bits=lq["a_bits"],
-                b_codes=_decode_codes(region, sections[lq["b_codes"]], b_shape, lq["b_bits"], where),
+                a_codes=codes(refs["a"], where), a_scale=scales(lq["a_scale"], (), where), a_bits=lq["a_bits"],
+                b_codes=codes(refs["b"], where),
                 b_scales=scales(lq["b_scales"], (lqer_b_scale_count(lq["rank"], shape[-1], lq["group"]),), where),
                 b_bits=lq["b_bits"], group=lq["group"])
         row_scales = scales(t["scales"], shape[:-1], where)
         s = sections[t["codes"]]
         if packed:
-            data, layout = _packed_codes(region, s, shape, t["bits"], where)
+            data, layout = _packed_codes(region, s, shape, t["bits"], where, lambda: codes(refs["codes"], where))
             factors = None if lqer is None else (lqer.a(), lqer.b())
             tensors[t["name"]] = PackedWeight(data, t["bits"], layout, shape, row_scales, factors)
         else:
-            codes = _decode_codes(region, s, shape, t["bits"], where)
-            tensors[t["name"]] = QuantizedTensor(codes, row_scales, t["bits"], lqer)
+            tensors[t["name"]] = QuantizedTensor(codes(refs["codes"], where), row_scales, t["bits"], lqer)
     return Artifact(manifest, tensors)
 
 
-def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str
-                  ) -> tuple[torch.Tensor, str]:
-    """The section's bytes as stored in its bit layout; codes from a codes codec come back as the int8 layout."""
+def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str,
+                  codes: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str]:
+    """The section's bytes as stored in its bit layout; codes from a codes codec (`codes()`) come back as the int8
+    layout."""
     if s["codec"] in CODES_CODECS:
-        codes = _decode_codes(region, s, shape, bits, where)
-        return codes.view(torch.uint8).reshape(-1).clone(), "int8"
+        return codes().view(torch.uint8).reshape(-1).clone(), "int8"
     raw = _section_payload(region, s, where)
     unpack_codes(raw, bits, s["layout"], shape)  # validates padding and code range before a kernel sees the bytes
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8), \

@@ -35,19 +35,20 @@ from pathlib import Path
 import torch
 
 from golfquant.artifact import EncodedArtifact, encode_artifact
+from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
+                             save_measurement, state_dict_digest)
+from golfquant.calib import heldout_tokens
 from golfquant.checkpoint import Checkpoint
 from golfquant.codec.rans import estimate_encoded_bytes
 from golfquant.codec.sizemodel import ScaledEntropyPricer
+from golfquant.distributed import on_main
 from golfquant.errors import OptionError
-from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
-                             save_measurement, state_dict_digest)
-from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, MeasurementInfo, candidate_grid,
-                               dequantized, measure, record_candidate, sdclip, stored_bytes)
+from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, MeasurementInfo, candidate_grid, dequantized,
+                               measure, record_candidate, sdclip, stored_bytes)
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, build_float_model, calibrate,
                                 clip_k_meta, gptq_meta, hessian_of, quantize_tensor, stage)
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
-from golfquant.calib import heldout_tokens
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
@@ -190,12 +191,12 @@ class _Run:
         path = cache_paths(cache)[0] if cache is not None and heldout else None
         key = cache_key(self.digest, {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key()})
         if path is not None:
-            cached = load_calibration(path, key)
+            cached = on_main(lambda: load_calibration(path, key))
             if cached is not None:
                 return cached
         calibration = calibrate(self.ckpt, self.opts, self.progress, self.plan, self.model, heldout=heldout)
         if path is not None:
-            save_calibration(path, key, calibration)
+            on_main(lambda: save_calibration(path, key, calibration))
         return calibration
 
     def heldout(self) -> torch.Tensor:
@@ -215,7 +216,7 @@ class _Run:
         key = cache_key(self.digest, options)
         path = cache_paths(cache)[1] if cache is not None else None
         if path is not None:
-            cached = load_measurement(path, key)
+            cached = on_main(lambda: load_measurement(path, key))
             if cached is not None:
                 return cached
         hessians = self.calibration.hessians
@@ -233,7 +234,7 @@ class _Run:
             m = measure(self.sd, grids, roles, {n: hessian_of(hessians, n) for n in grids}, self.opts.quantizer,
                         damage, key, info, stage(self.progress, "measure"))
         if path is not None:
-            save_measurement(path, m)
+            on_main(lambda: save_measurement(path, m))
         return m
 
     def kl(self, weights: dict[str, torch.Tensor]) -> float:

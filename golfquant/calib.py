@@ -231,7 +231,7 @@ def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding
         raise OptionError("generate_with_hessians needs a model with decode(idx_new, cache); use "
                           "generate_tokens then capture_hessians")
     linears, emb = hessian_targets(model, include_embedding)
-    collector = _GramCollector(flush_rows)
+    collector = _GramCollector(flush_rows, _device(model))
     try:
         _hook_all(model, collector, linears, emb)
         tokens = _generate(model, cfg, progress, True, collector)
@@ -342,8 +342,8 @@ class _GramCollector:
     one process and of N equal the same bits.
     """
 
-    def __init__(self, min_rows: int = 0):
-        self.min_rows = min_rows
+    def __init__(self, min_rows: int = 0, device: torch.device = torch.device("cpu")):
+        self.min_rows, self.device = min_rows, device
         self.hessians: dict[str, Hessian] = {}
         self._totals: dict[int, torch.Tensor] = {}  # id(Hessian) -> fp64 sum over the finished batches
         self._last: tuple[torch.Tensor, Hessian] | None = None
@@ -404,12 +404,30 @@ class _GramCollector:
 
     def finish(self, tokens: int) -> dict[str, Hessian]:
         """The totals of every process (after the last `end_sequences`), each distinct Hessian divided once by
-        the token count and rounded to fp32."""
+        the token count and rounded to fp32.
+
+        A process that had no batch (more processes than batches) has no Hessians of its own: the names, their
+        sharing and the sizes come from the processes that had one, and its totals are zeros."""
         self.end_sequences()
-        for h in {id(h): h for h in self.hessians.values()}.values():
-            h.H = (all_reduce_(self._totals.pop(id(h))) / tokens).float()
-            h.tokens = tokens
-        return self.hessians
+        groups: dict[str, tuple[list[str], int]] = {}  # first name -> (names sharing one Hessian, its size)
+        for layout in gather(self._layout()):
+            for names, size in layout:
+                groups.setdefault(names[0], (names, size))
+        out: dict[str, Hessian] = {}
+        for first, (names, size) in groups.items():  # the same order on every process
+            h = self.hessians.get(first)
+            total = (self._totals.pop(id(h)) if h is not None
+                     else torch.zeros(size, size, dtype=torch.float64, device=self.device))
+            shared = Hessian((all_reduce_(total) / tokens).float(), tokens)
+            out.update(dict.fromkeys(names, shared))
+        return out
+
+    def _layout(self) -> list[tuple[list[str], int]]:
+        """(names, size) of each distinct Hessian, in the order the forward pass met them."""
+        names: dict[int, list[str]] = {}
+        for name, h in self.hessians.items():
+            names.setdefault(id(h), []).append(name)
+        return [(group, self.hessians[group[0]].H.shape[0]) for group in names.values()]
 
 
 def hessian_targets(model: nn.Module, include_embedding: bool = True) -> tuple[dict[str, nn.Module], str | None]:
@@ -500,8 +518,8 @@ def _hook_all(model: nn.Module, collector: _GramCollector, linears: dict[str, nn
 
 def _capture(model: nn.Module, tokens: torch.Tensor, linears: dict[str, nn.Module], emb: str | None, batch: int,
              progress: StageProgress | None) -> dict[str, Hessian]:
-    collector = _GramCollector()
     device = _device(model)
+    collector = _GramCollector(device=device)
     was_training = model.training
     model.eval()
     starts = my_items(range(0, tokens.shape[0], batch))  # this process's batches

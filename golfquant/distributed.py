@@ -9,6 +9,7 @@ makes every rank raise its error at the same point (`collective`), instead of le
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
@@ -78,8 +79,12 @@ def current() -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group once every process is done with it, and free it now: a gloo group still alive
+    (held by a reference cycle) when the interpreter exits aborts the process."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
@@ -131,8 +136,15 @@ def collective(fn: Callable[[], T]) -> list[T]:
     outcomes = gather((result, error))
     for _, err in outcomes:
         if err is not None:
+            err.raised_on_every_rank = True  # so that the CLI reports it once
             raise err
     return [r for r, _ in outcomes]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """`fn` run on rank 0 only, its result (or its error) handed to every rank: how files are read and written, so
+    that one process touches them and every rank goes on with the same outcome."""
+    return collective(lambda: fn() if current().is_main else None)[0]
 
 
 def resolve_device(text: str) -> torch.device:

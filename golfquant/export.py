@@ -4,7 +4,10 @@ The challenge counts code bytes, so a script that cannot depend on golfquant car
 below rebuilds exactly the state_dict of `golfquant.load_artifact` (same keys, dtypes, shapes and bits) from numpy,
 torch, the stdlib and the decompressors the artifact uses, and nothing else. It trusts the file: the validating
 reader is `golfquant.load_artifact`, which checks every byte of a stranger's artifact. It never execs, evals or
-unpickles anything from the file: the manifest is JSON, everything else is numbers.
+unpickles anything from the file: the manifest is JSON, everything else is numbers. Like the library
+(golfquant.codec.rans.decode_codes_many), it decodes the rANS streams of all sections together, since one numpy
+step per lane step of each section was most of a load's time: every tensor is first parsed into a function that
+builds it, then the queued streams are decoded in one lockstep, then the functions run.
 
 The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
 codecs asked for and splices in the library functions it shares (the LQER b-scale count and A @ B, whose float
@@ -104,6 +107,7 @@ def load_artifact(path):
             return q.reshape(shape[:-2] + (shape[-1], shape[-2])).swapaxes(-1, -2).copy()  # copy: C order
         return q.reshape(shape)
     # [rans]
+    import bisect
 
     def t_law(bits, nu_index):
         # frequencies (sum 2^16) of the discretized Student-t law for 160 width classes 2^((k-72)/8) x 2r+1 codes
@@ -124,35 +128,53 @@ def load_artifact(path):
         p = np.maximum(np.diff(0.5 + t / (2.0 * np.sqrt(d)) * acc, 1, 1, 0.0, 1.0), 1e-300)
         freq = (np.floor(p * (65535 - 2 * r)) + 1).astype(np.int64)
         freq[k, freq.argmax(1)] += 65536 - freq.sum(1)
-        return freq
+        return np.pad(freq, ((0, 0), (0, 255 - 2 * r)))  # 256 symbols, as every table here
 
-    def stream(data, count, cls, freq):
-        # interleaved rANS: element e in lane e % lanes; 32-bit states, 16-bit words and probabilities
-        lanes = max(1, min(1024, -(-count // 8192)))
-        x = np.frombuffer(data, '<u4', lanes).astype(np.int64)
-        words = np.frombuffer(data, '<u2', -1, 4 * lanes).astype(np.int64)
-        steps = -(-count // lanes)
-        used, cls = np.unique(cls, return_inverse=True)
-        # one more class, giving symbol 0 all of 2^16, for the padding after the last element: it keeps lane states
-        freq = np.vstack([freq[used], np.eye(1, freq.shape[1], dtype=np.int64) << 16])
-        cls = np.pad(cls, (0, steps * lanes - count), constant_values=len(used)).reshape(steps, lanes)
-        nsym = freq.shape[1]
-        lut = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(used) + 1), freq.ravel())
+    def lanes(data, count):
+        # an interleaved rANS stream of `count` symbols (element e in lane e % lanes, 16-bit probabilities):
+        # lanes, steps, the 32-bit lane states and the 16-bit words
+        n = max(1, min(1024, -(-count // 8192)))
+        return (n, -(-count // n), np.frombuffer(data, '<u4', n).astype(np.int64),
+                np.frombuffer(data, '<u2', -1, 4 * n).astype(np.int64))
+
+    def run():
+        # decode every queued stream (data, count, frequency table, class of each symbol, classes used) into
+        # symbols: all at once, one numpy step per step index across the lanes of all of them. Frequency row 0
+        # gives symbol 0 all of 2^16 and so keeps a lane's state: it pads the streams of fewer steps
+        heads = [lanes(job[0], job[1]) for job in jobs]
+        starts = np.cumsum([0] + [h[0] for h in heads])
+        block = np.zeros((max(h[1] for h in heads), starts[-1]), np.uint16)  # frequency row of every symbol
+        rows, freqs = {}, [np.eye(1, 256, dtype=np.int64)[0] << 16]
+        for (data, count, freq, cls, used), (n, steps, _, _), a in zip(jobs, heads, starts):
+            row = np.zeros(len(freq), np.uint16)
+            for c in used:
+                row[c] = rows.setdefault((id(freq), c), len(freqs))
+                if row[c] == len(freqs):
+                    freqs.append(freq[c])
+            padded = np.zeros(steps * n, np.uint16)
+            padded[:count] = row[cls]
+            block[:steps, a:a + n] = padded.reshape(steps, n)
+        freq = np.array(freqs)
+        lut = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(freq)), freq.ravel())  # 2^16 slots per row
         low = (np.cumsum(freq, 1) - freq).ravel()
         freq = freq.ravel()
-        lut_base, sym_base = cls << 16, cls * nsym
-        out = np.empty((steps, lanes), np.int64)
-        at = 0
-        for t in range(steps):
+        x = np.concatenate([h[2] for h in heads])
+        last = np.cumsum([-1] + [len(h[3]) for h in heads[:-1]])  # the next word of each stream, minus one
+        words = np.concatenate([h[3] for h in heads])
+        out = np.empty(block.shape, np.uint8)
+        for t in range(len(block)):
+            high = block[t].astype(np.int64) << 16
             slot = x & 65535
-            s = out[t] = lut[lut_base[t] + slot]
-            j = sym_base[t] + s
-            x = freq[j] * (x >> 16) + slot - low[j]
-            m = x < 65536
-            n = np.count_nonzero(m)
-            x[m] = x[m] << 16 | words[at:at + n][::-1]
-            at += n
-        return out.ravel()[:count]
+            s = out[t] = lut.take(high | slot)
+            i = high >> 8 | s
+            x = freq.take(i) * (x >> 16) + slot - low.take(i)
+            renorm = (x < 65536).nonzero()[0]
+            # a step reads the words of a stream highest lane first
+            end = renorm.searchsorted(starts)
+            k = end[1:] - end[:-1]
+            x[renorm] = x.take(renorm) << 16 | words.take(np.repeat(last + end[1:], k) - np.arange(renorm.size))
+            last += k
+        symbols.extend(out[:h[1], a:a + h[0]].ravel()[:job[1]] for job, h, a in zip(jobs, heads, starts))
 
     def varint(f):
         value = shift = 0
@@ -163,62 +185,111 @@ def load_artifact(path):
             if b < 128:
                 return value
 
-    def table(f, nsym):
+    def table(f):
         lo, span, prec = f.read(3)
-        freq = np.zeros((1, nsym), np.int64)
+        freq = np.zeros((1, 256), np.int64)
         freq[0, lo:lo + span + 1] = [varint(f) << 16 - prec for _ in range(span + 1)]
         return freq
 
     def values(f, count):
-        freq = table(f, 256)
-        return stream(f.read(varint(f)), count, np.zeros(count, np.int64), freq)
+        # side information (row and column widths, row references): one frequency row and few lanes, decoded
+        # symbol by symbol in plain Python, far cheaper than numpy steps over a lane or two
+        freq = table(f)[0]
+        low, freq = [0, *np.cumsum(freq).tolist()], freq.tolist()
+        n, _, x, words = lanes(f.read(varint(f)), count)
+        x, words, out = x.tolist(), iter(words.tolist()), [0] * count
+        for first in range(0, count, n):
+            for e in range(min(first + n, count) - 1, first - 1, -1):  # highest lane first: the words' order
+                v = x[e - first]
+                slot = v & 65535
+                s = out[e] = bisect.bisect(low, slot) - 1
+                v = freq[s] * (v >> 16) + slot - low[s]
+                x[e - first] = v << 16 | next(words) if v < 65536 else v
+        return np.array(out, np.int32)
 
     def plain(f, rows, cols, bits):
-        r = (1 << bits - 1) - 1
+        # queue the stream of an order-0 or t-law body for run(): its symbols will be symbols[index]
         count = rows * cols
         if f.read(1)[0] == 1:  # t law with optional row and column width bytes
             flags, nu_index = f.read(2)
             shift = int.from_bytes(f.read(2), 'little', signed=True)
-            a = values(f, rows) if flags & 1 else np.zeros(rows, np.int64)
-            b = values(f, cols) if flags & 2 else np.zeros(cols, np.int64)
-            cls, freq = np.clip((a[:, None] + b).ravel() + shift, 0, 159), t_law(bits, nu_index)
+            a = values(f, rows) if flags & 1 else np.zeros(rows, np.int32)
+            b = values(f, cols) if flags & 2 else np.zeros(cols, np.int32)
+            if (bits, nu_index) not in laws:
+                laws[bits, nu_index] = t_law(bits, nu_index)
+            cls = np.clip(a[:, None] + b + shift, 0, 159).astype(np.uint8).ravel()
+            used = np.unique(np.clip(np.add.outer(np.unique(a), np.unique(b)) + shift, 0, 159))
+            jobs.append((f.read(), count, laws[bits, nu_index], cls, used))
         else:  # stored order-0 table
-            cls, freq = np.zeros(count, np.int64), table(f, 2 * r + 1)
-        return (stream(f.read(), count, cls, freq) - r).reshape(rows, cols)
+            freq = table(f)
+            jobs.append((f.read(), count, freq, np.zeros(count, np.uint8), [0]))
+        return len(jobs) - 1
 
     def rans(blob, shape, bits):
+        # a function giving the codes once run() has decoded the streams this queues
         count = math.prod(shape)
         if not count:
-            return np.zeros(shape, np.int8)
+            return lambda: np.zeros(shape, np.int8)
         cols = shape[-1]
         rows = count // cols
+        r = (1 << bits - 1) - 1
         f = io.BytesIO(blob[5:])  # after the version byte and the CRC-32
         if blob[5] != 3:
-            return plain(f, rows, cols, bits).astype(np.int8).reshape(shape)
+            i = plain(f, rows, cols, bits)
+            return lambda: (symbols[i] - r).view(np.int8).reshape(shape)
         f.read(1)  # kind 3: rows flagged in `has` are wrapped residuals of an earlier row
         has = values(f, rows).astype(bool)
         n = int(has.sum())
         dist = values(f, n) + (values(f, n) << 8)
-        roots = io.BytesIO(f.read(varint(f)))
-        q = np.empty((rows, cols), np.int64)
-        q[~has] = plain(roots, rows - n, cols, bits)
-        q[has] = plain(f, n, cols, bits)
-        r = (1 << bits - 1) - 1
-        for i, j in zip(np.flatnonzero(has), np.flatnonzero(has) - dist):
-            q[i] = (q[i] + q[j] + r) % (2 * r + 1) - r
-        return q.astype(np.int8).reshape(shape)
+        roots = plain(io.BytesIO(f.read(varint(f))), rows - n, cols, bits)
+        resid = plain(f, n, cols, bits)
+
+        def join():
+            q = np.empty((rows, cols), np.int64)
+            q[~has] = (symbols[roots] - r).view(np.int8).reshape(-1, cols)
+            q[has] = (symbols[resid] - r).view(np.int8).reshape(-1, cols)
+            for i, j in zip(np.flatnonzero(has), np.flatnonzero(has) - dist):
+                q[i] = (q[i] + q[j] + r) % (2 * r + 1) - r
+            return q.astype(np.int8).reshape(shape)
+        return join
     # [end]
 
     def codes(index, shape, bits):
+        # a function giving the codes as float32 (rANS ones once run() has decoded the streams queued here)
         s = sections[index]
         # [rans]
         if s['codec'] == 'rans':
-            return torch.tensor(rans(region[s['offset']:s['offset'] + s['length']], shape, bits), dtype=torch.float32)
+            get = rans(region[s['offset']:s['offset'] + s['length']], shape, bits)
+            return lambda: torch.tensor(get(), dtype=torch.float32)
         # [end]
-        return torch.tensor(unpack(section(index), bits, s['layout'], shape), dtype=torch.float32)
+        return lambda: torch.tensor(unpack(section(index), bits, s['layout'], shape), dtype=torch.float32)
 
     def scales(ref, shape):
         return tensor_at(shared[ref['section']], ref['offset'], shape, torch.float16).float()
+
+    def weight(t):
+        # a function giving the tensor, to call once run() has decoded the rANS streams this queues
+        shape = tuple(t['shape'])
+        dtype = getattr(torch, t['dtype'])
+        if t['kind'] == 'float':
+            ref = t['data']
+            w = tensor_at(shared[ref['section']], ref['offset'], shape, getattr(torch, ref['dtype']))
+            return lambda: w.to(dtype)
+        q = codes(t['codes'], shape, t['bits'])
+        lq = t['lqer']
+        if lq:  # + A @ B, A with one scale, B with one scale per `group` elements of B flattened
+            rank, group, cols = lq['rank'], lq['group'], shape[-1]
+            a = codes(lq['a_codes'], (shape[-2], rank), lq['a_bits'])
+            b = codes(lq['b_codes'], (rank, cols), lq['b_bits'])
+
+        def get():
+            w = q() * scales(t['scales'], shape[:-1])[..., None]
+            if lq:
+                b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
+                b_full = (b().reshape(-1) * b_scales[torch.arange(rank * cols) // group]).reshape(rank, cols)
+                w = w + lowrank_reference(a() * scales(lq['a_scale'], ()), b_full)
+            return w.to(dtype)
+        return get
 
     data = open(path, 'rb').read()
     n = data[6]
@@ -227,25 +298,15 @@ def load_artifact(path):
     region = data[n + 19 + size:]
     sections = manifest['sections']
     shared = {i: section(i) for i, s in enumerate(sections) if s['kind'] != 'codes'}
-    out = {}
-    for t in manifest['tensors']:
-        shape = tuple(t['shape'])
-        dtype = getattr(torch, t['dtype'])
-        if t['kind'] == 'float':
-            ref = t['data']
-            w = tensor_at(shared[ref['section']], ref['offset'], shape, getattr(torch, ref['dtype']))
-        else:
-            w = codes(t['codes'], shape, t['bits']) * scales(t['scales'], shape[:-1])[..., None]
-            lq = t['lqer']
-            if lq:  # + A @ B, A with one scale, B with one scale per `group` elements of B flattened
-                rank, group, cols = lq['rank'], lq['group'], shape[-1]
-                a = codes(lq['a_codes'], (shape[-2], rank), lq['a_bits']) * scales(lq['a_scale'], ())
-                b = codes(lq['b_codes'], (rank, cols), lq['b_bits']).reshape(-1)
-                b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
-                b = (b * b_scales[torch.arange(b.numel()) // group]).reshape(rank, cols)
-                w = w + lowrank_reference(a, b)
-        out[t['name']] = w.to(dtype)
-    return out
+    # [rans]
+    jobs, symbols, laws = [], [], {}  # queued rANS streams, their symbols, t-law tables by (bits, nu index)
+    # [end]
+    out = {t['name']: weight(t) for t in manifest['tensors']}
+    # [rans]
+    if jobs:
+        run()
+    # [end]
+    return {name: get() for name, get in out.items()}
 '''
 
 

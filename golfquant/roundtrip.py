@@ -9,6 +9,7 @@ from golfquant.artifact import load_artifact, read_artifact
 from golfquant.calib import declared_seq_len, vocab_size
 from golfquant.checkpoint import Checkpoint, load_checkpoint
 from golfquant.data import ByteLUTs, build_byte_luts, check_tokenizer_fits, check_tokens_fit, load_tokens
+from golfquant.distributed import current, resolve_device
 from golfquant.errors import OptionError
 from golfquant.evaluate import EvalResult, eval_val_bpb
 from golfquant.factory import build_model
@@ -28,6 +29,7 @@ class RoundtripOptions:
     model_spec: str | None = None
     model_args: dict | None = None
     packed: bool = False  # run quantized Linears from packed codes (kernels.QuantLinear)
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
 
 
 @dataclass
@@ -71,6 +73,8 @@ class RoundtripResult:
     seq_len: int
     stride: int | None
     packed: bool
+    device: str
+    processes: int  # torchrun's world size: the evaluation batches were shared over this many
 
     @property
     def gap_bpb(self) -> float:
@@ -79,18 +83,22 @@ class RoundtripResult:
 
 def roundtrip_eval(artifact_path, ckpt_path, opts: RoundtripOptions,
                    progress: Progress | None = None) -> RoundtripResult:
-    """val_loss / val_bpb of the float checkpoint and of the artifact's dequantized weights, on the same tokens."""
+    """val_loss / val_bpb of the float checkpoint and of the artifact's dequantized weights, on the same tokens.
+
+    Under torchrun the evaluation batches are shared over the processes (eval_val_bpb); each returns the result."""
+    device = resolve_device(opts.device)
     ev = prepare_eval(load_checkpoint(ckpt_path), opts.val_pattern, opts.tokenizer, opts.max_tokens, opts.seq_len,
                       opts.model_spec, opts.num_heads, opts.model_args)
-    model, seq_len = ev.model, ev.seq_len
+    model, seq_len = ev.model.to(device), ev.seq_len
 
     def run(name: str) -> EvalResult:
         return eval_val_bpb(model, ev.tokens, ev.luts, seq_len, batch_seqs=opts.batch_seqs, stride=opts.stride,
-                            progress=stage(progress, name))
+                            device=device, progress=stage(progress, name))
 
     float_res = run("float")
     load_quantized_weights(model, artifact_path, opts.packed)
-    return RoundtripResult(float_res, run("quantized"), seq_len, opts.stride, opts.packed)
+    return RoundtripResult(float_res, run("quantized"), seq_len, opts.stride, opts.packed, str(device),
+                           current().world_size)
 
 
 def load_quantized_weights(model: torch.nn.Module, artifact_path, packed: bool = False) -> None:

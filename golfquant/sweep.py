@@ -27,22 +27,23 @@ from typing import Callable
 
 import torch
 
+from golfquant.api import QuantizeResult, quantize
 from golfquant.atomic import atomic_write_text
 from golfquant.calib import CalibConfig
 from golfquant.checkpoint import Checkpoint, load_checkpoint
+from golfquant.codec.sizemodel import order0_bytes
 from golfquant.codepack import code_size
+from golfquant.distributed import on_main, resolve_device
 from golfquant.errors import GolfquantError, OptionError
 from golfquant.evaluate import eval_val_bpb
-from golfquant.api import QuantizeResult, quantize
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import Calibration, Progress, build_float_model, calibrate, stage
-from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import FLOAT_SCHEMES, PlanOptions, make_plan
-from golfquant.quant.lqer import LqerOptions
-from golfquant.codec.sizemodel import order0_bytes
 from golfquant.quant.clip import parse_clip, round_codes, row_scales
+from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS
 from golfquant.report import CAP_BYTES
+from golfquant.roundtrip import load_quantized_weights, prepare_eval
 
 SWEEP_METHODS = ("rtn", "gptq", "gptq+lqer", "auto")
 DEFAULT_FRACTIONS = (0.25, 0.35, 0.5)  # default budgets, as fractions of the model's int8 bytes
@@ -69,8 +70,10 @@ class SweepOptions:
     batch_seqs: int = 16
     float_max_numel: int = 65536
     calib: CalibConfig = field(default_factory=CalibConfig)
+    device: str = "auto"  # where calibration, GPTQ and evaluation run (golfquant.distributed.resolve_device)
 
     def validate(self) -> None:
+        resolve_device(self.device)
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
         if unknown or not self.methods:
             raise OptionError(f"methods {','.join(self.methods) or '(none)'}: use one or more of {','.join(SWEEP_METHODS)}")
@@ -199,7 +202,7 @@ def sweep(ckpt_path, opts: SweepOptions, progress: Progress | None = None,
     budgets = list(opts.budgets) or [round(f * reference) for f in DEFAULT_FRACTIONS]
     evaluator = _Evaluator(ckpt, opts)
     float_bpb = evaluator.bpb(None, progress)
-    base = QuantizeOptions(calib=opts.calib)
+    base = QuantizeOptions(calib=opts.calib, device=opts.device)
     model = build_float_model(ckpt, base)
     calibration = calibrate(ckpt, base, progress, model=model, heldout="auto" in opts.methods)
     run = _Run(ckpt, model, opts, code_bytes, calibration, progress)
@@ -215,7 +218,7 @@ def sweep(ckpt_path, opts: SweepOptions, progress: Progress | None = None,
                 on_point(point)
     result = SweepResult(Path(ckpt_path).name, float_bpb, evaluator.tokens.numel() - 1, code_bytes, reference,
                          sorted(budgets), "given" if opts.budgets else "fractions of int8_bytes", points)
-    atomic_write_text(Path(opts.out_dir) / "sweep.json", json.dumps(result.to_dict(), indent=1) + "\n")
+    on_main(lambda: atomic_write_text(Path(opts.out_dir) / "sweep.json", json.dumps(result.to_dict(), indent=1) + "\n"))
     return result
 
 
@@ -224,7 +227,8 @@ class _Evaluator:
 
     def __init__(self, ckpt: Checkpoint, opts: SweepOptions):
         ev = prepare_eval(ckpt, opts.val_pattern, opts.tokenizer, opts.max_tokens)
-        self.model, self.tokens, self.luts, self.seq_len = ev.model, ev.tokens, ev.luts, ev.seq_len
+        self.device = resolve_device(opts.device)
+        self.model, self.tokens, self.luts, self.seq_len = ev.model.to(self.device), ev.tokens, ev.luts, ev.seq_len
         self.float_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.batch_seqs = opts.batch_seqs
 
@@ -235,7 +239,7 @@ class _Evaluator:
         else:
             load_quantized_weights(self.model, artifact)
         res = eval_val_bpb(self.model, self.tokens, self.luts, self.seq_len, batch_seqs=self.batch_seqs,
-                           progress=stage(progress, "val_bpb"))
+                           device=self.device, progress=stage(progress, "val_bpb"))
         return res.val_bpb
 
 
@@ -277,7 +281,7 @@ class _Run:
 
     def _auto(self, point: SweepPoint) -> None:
         # one measurement for every budget: the first point makes it, the others read it
-        result = self._quantize(QuantizeOptions(calib=self.opts.calib, budget=point.budget),
+        result = self._quantize(QuantizeOptions(calib=self.opts.calib, budget=point.budget, device=self.opts.device),
                                 cache=Path(self.opts.out_dir) / "artifacts" / "auto")
         schemes = Counter(a.scheme for a in result.budget.allocation)
         point.bits = ", ".join(f"{s} x{n}" for s, n in sorted(schemes.items()))
@@ -326,10 +330,11 @@ class _Run:
         return QuantizeOptions(plan=uniform_plan(setting.bits, self.opts.float_max_numel),
                                method="rtn" if point.method == "rtn" else "gptq", clip=setting.clip,
                                calib=self.opts.calib, lqer=RECORD_LQER if lqer else LqerOptions(),
-                               budget=None if lqer else point.budget, prune_to_budget=not lqer)
+                               budget=None if lqer else point.budget, prune_to_budget=not lqer,
+                               device=self.opts.device)
 
     def _record(self, point: SweepPoint, result: QuantizeResult) -> None:
         path = self._path(point)
-        result.save(path)
+        on_main(lambda: result.save(path))  # every rank then reads it (on_main returns after the write)
         point.artifact = str(path)
         point.artifact_bytes, point.total_bytes = len(result.data), result.total_bytes

@@ -9,9 +9,9 @@ from golfquant.api import quantize_checkpoint
 from golfquant.calib import CalibConfig
 from golfquant.data import default_data_dir, default_tokenizer_path, default_val_pattern
 from golfquant.options import QuantizeOptions
-from golfquant.roundtrip import RoundtripOptions, roundtrip_eval
 from golfquant.plan import PlanOptions
 from golfquant.report import size_report
+from golfquant.roundtrip import RoundtripOptions, roundtrip_eval
 from golfquant_cli import render
 from golfquant_cli.options import json_option
 

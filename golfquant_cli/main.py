@@ -6,7 +6,9 @@ import sys
 
 import click
 
-from golfquant.errors import GolfquantError
+from golfquant.errors import GolfquantError, OptionError
+
+TORCHRUN_COMMANDS = ("quantize", "roundtrip-eval", "sweep", "train")
 
 
 class GolfquantGroup(click.Group):
@@ -14,7 +16,9 @@ class GolfquantGroup(click.Group):
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except GolfquantError as e:
-            _fail(str(e))
+            if getattr(e, "raised_on_every_rank", False) and _rank() != 0:
+                sys.exit(0)  # rank 0 has the same error and reports it; exiting 0 lets torchrun wait for it
+            _fail(str(e) if _rank() == 0 else f"rank {_rank()}: {e}")
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
@@ -22,9 +26,22 @@ class GolfquantGroup(click.Group):
         except click.ClickException as e:
             _fail(e.format_message())
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and command.name not in TORCHRUN_COMMANDS and os.environ.get("WORLD_SIZE", "1") != "1":
+            error = OptionError(f"{command.name} runs in one process; run it without torchrun (these run under "
+                                f"it: {', '.join(sorted(TORCHRUN_COMMANDS))})")
+            error.raised_on_every_rank = True
+            raise error
+        return name, command, rest
+
     def invoke(self, ctx):
         _limit_threads()
         return super().invoke(ctx)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _fail(message: str) -> None:

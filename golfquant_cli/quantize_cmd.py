@@ -5,14 +5,15 @@ from pathlib import Path
 
 import click
 
-from golfquant.factory import parse_model_args
+from golfquant import distributed
 from golfquant.api import quantize_checkpoint
 from golfquant.codepack import code_size
+from golfquant.factory import parse_model_args
 from golfquant.options import QuantizeOptions
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
-from golfquant_cli.options import (calib_from_flags, calib_options, explicit_flags, json_option, model_options,
-                                   parse_budget, parse_lqer, plan_from_flags, plan_options)
+from golfquant_cli.options import (calib_options, device_option, explicit_flags, json_option, model_options,
+                                   parse_budget, parse_lqer, plan_from_flags, plan_options, torchrun_command)
 
 
 @click.command()
@@ -44,23 +45,24 @@ from golfquant_cli.options import (calib_from_flags, calib_options, explicit_fla
 @click.option("--prune-to-budget", is_flag=True,
               help="With --budget: keep the widths of the plan and zero the cheapest +-1 codes until it fits.")
 @click.option("--exhaustive", is_flag=True, help="Compress every section with every codec x layout (slow).")
+@device_option
 @json_option
-def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib_source, calib_data,
-             calib_seqs, calib_len, calib_temp, calib_seed, calib_first, block_size, act_order, damp, sequential, lqer,
-             heads,
-             model_spec, model_args, code_path, packed_code, budget, cache, prune_to_budget, exhaustive, as_json):
+@torchrun_command
+def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib, block_size, act_order,
+             damp, sequential, lqer, heads, model_spec, model_args, code_path, packed_code, budget, cache,
+             prune_to_budget, exhaustive, device, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
     given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip", "float_max_numel"))
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
     out = out or Path("out") / f"{ckpt.stem}.gqa"
     opts = QuantizeOptions(
         plan=plan_from_flags(mlp, attn, embed, other, rules, float_max_numel), method=method, clip=clip,
-        calib=calib_from_flags(calib_source, calib_data, calib_seqs, calib_len, calib_temp, calib_seed, calib_first),
+        calib=calib,
         block_size=block_size, act_order=act_order, damp=damp, lqer=parse_lqer(lqer), num_heads=heads,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None,
         budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
         fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
-        fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential)
+        fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential, device=device)
     code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
     note = None
     if opts.budget is not None and code_path is None:
@@ -71,7 +73,7 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         result = quantize_checkpoint(ckpt, opts, code_bytes=code_bytes, progress=progress,
                                      on_tensor=None if as_json else render.print_tensor_report,
                                      cache=out.with_suffix("") if cache and opts.budget is not None else None)
-    result.save(out)
+    distributed.on_main(lambda: result.save(out))
     summary = render.quantize_json(result, out) | ({"note": note} if note else {})
     if as_json:
         render.emit_json(summary)

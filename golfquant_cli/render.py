@@ -19,8 +19,18 @@ console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty
 status_console = Console(stderr=True, highlight=False)
 
 
+def mute() -> None:
+    """Print nothing from now on: under torchrun only rank 0 speaks."""
+    global _muted
+    _muted = console.quiet = status_console.quiet = True
+
+
+_muted = False
+
+
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=None, sort_keys=False))
+    if not _muted:
+        click.echo(json.dumps(obj, indent=None, sort_keys=False))
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[str] = ()) -> Table:
@@ -135,7 +145,8 @@ def roundtrip_json(r) -> dict:
     return {"float": {"val_loss": r.float_model.val_loss, "val_bpb": r.float_model.val_bpb},
             "quantized": {"val_loss": r.quantized.val_loss, "val_bpb": r.quantized.val_bpb},
             "gap_bpb": r.gap_bpb, "tokens": r.float_model.tokens, "bytes": r.float_model.bytes,
-            "seq_len": r.seq_len, "stride": r.stride, "packed": r.packed}
+            "seq_len": r.seq_len, "stride": r.stride, "packed": r.packed, "device": r.device,
+            "processes": r.processes}
 
 
 def print_roundtrip(r: dict) -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
+from golfquant import distributed
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.errors import OptionError
 from golfquant.plot import sweep_png
 from golfquant.sweep import DEFAULT_FRACTIONS, DEFAULT_MAX_TOKENS, SWEEP_METHODS, SweepOptions, sweep as run_sweep
 from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
-from golfquant_cli.options import calib_from_flags, calib_options, json_option, parse_budget
+from golfquant_cli.options import calib_options, device_option, json_option, parse_budget, torchrun_command
 
 _FRACTIONS = ", ".join(f"{100 * f:.0f}%" for f in DEFAULT_FRACTIONS)
 
@@ -49,10 +50,11 @@ def _methods(text: str) -> tuple[str, ...]:
 @click.option("--float-max-numel", default=65536, show_default=True,
               help="Float tensors this small stay fp16 (the challenge's convention).")
 @calib_options
+@device_option
 @json_option
+@torchrun_command
 def sweep(ckpt, budgets, methods, code_path, packed_code, out_dir, max_tokens, val_pattern, tokenizer,
-          float_max_numel, calib_source, calib_data, calib_seqs, calib_len, calib_temp, calib_seed, calib_first,
-          as_json):
+          float_max_numel, calib, device, as_json):
     """Quantize CKPT (default: the bundled checkpoint) with every method at every budget, and plot val_bpb
     against total bytes."""
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
@@ -60,12 +62,14 @@ def sweep(ckpt, budgets, methods, code_path, packed_code, out_dir, max_tokens, v
         val_pattern=val_pattern or default_val_pattern(), tokenizer=str(tokenizer or default_tokenizer_path()),
         budgets=_budgets(budgets), methods=_methods(methods), out_dir=out_dir, code_path=code_path,
         packed_code=packed_code, max_tokens=max_tokens or None, float_max_numel=float_max_numel,
-        calib=calib_from_flags(calib_source, calib_data, calib_seqs, calib_len, calib_temp, calib_seed, calib_first))
+        calib=calib,
+        device=device)
     opts.validate()
     start = time.perf_counter()
     with render.stage_progress(enabled=not as_json) as progress:
         result = run_sweep(ckpt, opts, progress, on_point=None if as_json else _print_point)
-    png = sweep_png(result.to_dict()["points"], out_dir / "sweep.png", result.float_bpb, result.cap)
+    png = distributed.on_main(lambda: sweep_png(result.to_dict()["points"], out_dir / "sweep.png", result.float_bpb,
+                                                result.cap))
     if as_json:
         render.emit_json(result.to_dict() | {"png": str(png)})
         return

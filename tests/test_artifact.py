@@ -357,3 +357,49 @@ def test_targeted_forgeries(written, tmp_path):
     assert expect_artifact_error(tmp_path, join(manifest, region + b"\0"))
     with pytest.raises(ArtifactError, match="cannot be read"):
         read_artifact(tmp_path / "missing.gqa")
+
+
+def test_rans_sections_decode_together_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    """Every rANS section's lanes are decoded in one lockstep (golfquant.codec.rans.decode_codes_many); damage
+    behind valid checksums is still found, and the error names the tensor and the section."""
+    from golfquant.codec import rans
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"blocks.{i}.mlp.fc.weight": quantize_rtn(torch.randn(60 + 7 * i, 96, generator=g), 3 + i)
+               for i in range(4)}
+    tensors["blocks.0.mlp.fc.weight"].lqer = LowRankFactors(
+        a_codes=torch.randint(-1, 2, (60, 2), generator=g, dtype=torch.int8), a_scale=torch.tensor(0.01).half(),
+        a_bits=2, b_codes=torch.randint(-7, 8, (2, 96), generator=g, dtype=torch.int8),
+        b_scales=(torch.rand(48, generator=g) * 0.01).half(), b_bits=4, group=4)
+    path = tmp_path / "r.gqa"
+    write_artifact(path, tensors, None, codecs=["rans", "zlib"], layouts=[])
+    manifest, region = split(path.read_bytes())
+    assert [s["codec"] for s in manifest["sections"] if s["kind"] == "codes"] == ["rans"] * 6
+
+    groups = []
+    decode_group = rans._decode_group
+    monkeypatch.setattr(rans, "_decode_group", lambda streams: groups.append(len(streams)) or decode_group(streams))
+    art = read_artifact(path)
+    assert len(groups) == 1 and groups[0] >= 6  # one lockstep for all six sections
+    for name, qt in tensors.items():
+        assert torch.equal(art.tensors[name].codes, qt.codes)
+    lq = art.tensors["blocks.0.mlp.fc.weight"].lqer
+    assert torch.equal(lq.a_codes, tensors["blocks.0.mlp.fc.weight"].lqer.a_codes)
+    assert torch.equal(lq.b_codes, tensors["blocks.0.mlp.fc.weight"].lqer.b_codes)
+    packed = read_artifact(path, packed=True).tensors["blocks.3.mlp.fc.weight"]
+    codes = tensors["blocks.3.mlp.fc.weight"].codes
+    assert packed.layout == "int8" and torch.equal(packed.packed, codes.view(torch.uint8).reshape(-1))
+
+    index = next(i for i, s in enumerate(manifest["sections"]) if s["name"] == "codes:blocks.2.mlp.fc.weight")
+    s = manifest["sections"][index]
+    blob = region[s["offset"]:s["offset"] + s["length"]]
+    body = blob[5:-2]  # one word short, behind a valid rANS CRC and section checksum
+    forged = blob[:1] + zlib.crc32(body).to_bytes(4, "little") + body
+    new_region = region[:s["offset"]] + forged + region[s["offset"] + s["length"]:]
+    s.update(length=len(forged), crc32=zlib.crc32(forged))
+    for later in manifest["sections"][index + 1:]:
+        later["offset"] -= 2
+    damaged = tmp_path / "damaged.gqa"
+    damaged.write_bytes(join(manifest, new_region))
+    with pytest.raises(ArtifactError, match=rf"tensor 'blocks\.2\.mlp\.fc\.weight' sections\[{index}\]: rANS stream"):
+        read_artifact(damaged)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import sentencepiece as spm
+import torch
 from click.testing import CliRunner
 
 from golfquant.data import load_tokens
@@ -117,6 +118,9 @@ def test_quantize_gptq_reports_each_matrix(ckpt, tmp_path):
     (["quantize", "{ckpt}", "--mlp", "int9"], "int9"),
     (["size-report", "{ckpt}", "--budget", "lots"], "budget"),
     (["quantize", "{ckpt}", "--clip", "sdclip:0"], "clip"),
+    (["quantize", "{ckpt}", "--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
+    pytest.param(["quantize", "{ckpt}", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, message):
     out = tmp_path / "never.gqa"

@@ -38,6 +38,9 @@ def tensors():
     dup[25, 3] = 0
     out["dup"] = QuantizedTensor(dup, torch.full((40,), 0.02).half(), 4)
     out["skew"] = QuantizedTensor((torch.rand(30, 40, generator=g) < 0.93).to(torch.int8), torch.ones(30).half(), 2)
+    spread = torch.rand(8500, 1, generator=g) ** 3 * 3 + 0.05  # rows of very different spread: row widths coded
+    tall = (torch.randn(8500, 8, generator=g) * spread * 10).round().clamp(-31, 31).to(torch.int8)
+    out["tall"] = QuantizedTensor(tall, torch.full((8500,), 0.01).half(), 6)  # 8,500 row widths: 2 rANS lanes
     out["tiny"] = QuantizedTensor(torch.tensor([[1, -1, 0]], dtype=torch.int8), torch.ones(1).half(), 2)
     out["lq"] = _quant(g, (16, 24), 4, LowRankFactors(
         a_codes=_codes(g, (16, 3), 3), a_scale=torch.tensor(0.01).half(), a_bits=3,
@@ -101,9 +104,10 @@ def test_rans_artifact_exercises_every_decoder_branch(artifacts):
         if s.codec == "rans":
             kinds.add(blob[at + 5])
             if blob[at + 5] == 1:
-                flags.add(blob[at + 6])
+                flags.add((blob[at + 6], s.name))
     assert {1, 2, 3} <= kinds  # parametric, stored order-0 (skew), near-duplicate row split (dup)
-    assert 3 in flags  # t law with row and column widths
+    assert 3 in {f for f, _ in flags}  # t law with row and column widths
+    assert any(f & 1 for f, name in flags if name == "codes:tall")  # row widths in two lanes (plain Python path)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -135,7 +139,7 @@ def _imports(source):
 def test_imports_only_numpy_torch_stdlib_and_the_named_codecs():
     base = {"io", "json", "math", "numpy", "torch"}
     modules = {"none": set(), "zlib": {"zlib"}, "zstd": {"zstandard"}, "brotli": {"brotli"}, "lzma": {"lzma"},
-               "rans": set()}
+               "rans": {"bisect"}}
     for codecs in [{"brotli", "rans"}, {"zlib"}, {"zstd", "none"}, {"lzma"}, set(LOADER_CODECS)]:
         for minimal in (True, False):
             names, tree = _imports(loader_source(minimal, codecs))

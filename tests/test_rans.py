@@ -206,3 +206,98 @@ def test_round_trip_on_the_bundled_model_codes():
             codes = round_codes(w.float(), row_scales(w.float(), bits, parse_clip(clip)), bits).numpy()
             blob = encode_codes(codes, bits)
             assert np.array_equal(decode_codes(blob, codes.shape, bits), codes), (name, bits, clip)
+
+
+def _batch_cases():
+    """Blobs of every kind: empty, order-0, parametric (one and several lanes, a partial last step), row references
+    resolved in chains (a random walk of rows), side streams of more than one lane (8500 row bytes)."""
+    rng = np.random.default_rng(9)
+    walk = [np.clip(np.rint(rng.standard_t(4, (1, 64)) * 3), -31, 31)]
+    for _ in range(79):
+        walk.append(np.clip(walk[-1] + (rng.random((1, 64)) < 0.03) * rng.choice([-1, 1], (1, 64)), -31, 31))
+    spread = (rng.random((8500, 1)) ** 3 * 3 + 0.05) * 31 / 3
+    cases = [
+        (np.zeros((0, 7), np.int8), 4),
+        (np.array([[1, -1, 0]], np.int8), 2),
+        (t_codes(rng, (7, 13), 5, 1.5), 5),
+        (t_codes(rng, (130, 131), 6, 2.4), 6),  # 3 lanes, the last step partial
+        (t_codes(rng, (300, 200), 8, 12.0), 8),
+        (np.concatenate(walk).astype(np.int8), 6),
+        (np.clip(np.rint(rng.standard_normal((8500, 8)) * spread), -31, 31).astype(np.int8), 6),
+        ((rng.random((30, 40)) < 0.93).astype(np.int8), 2),
+    ]
+    return [(q, bits, encode_codes(q, bits)) for q, bits in cases]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    cases = _batch_cases()
+    kinds = {blob[5] for _, _, blob in cases}
+    assert kinds == {0, 1, 2, 3}
+    assert any(blob[5] == 1 and blob[6] & 1 and rans._lanes(q.shape[0]) > 1 for q, _, blob in cases)
+    return cases
+
+
+def test_decode_many_equals_one_at_a_time(batch, monkeypatch):
+    rng = np.random.default_rng(11)
+    tiny = [(q, 4, encode_codes(q, 4)) for q in (t_codes(rng, (5, 9), 4, 1.0) for _ in range(40))]
+    cases = batch * 2 + tiny  # the same blob twice decodes twice
+    items = [(blob, q.shape, bits) for q, bits, blob in cases]
+    groups = []
+    decode_group = rans._decode_group
+    monkeypatch.setattr(rans, "_decode_group", lambda streams: groups.append(len(streams)) or decode_group(streams))
+    for out, (q, _, _) in zip(rans.decode_codes_many(items), cases):
+        assert out.dtype == np.int8 and out.shape == q.shape
+        np.testing.assert_array_equal(out, q)
+    assert len(groups) == 2  # the 45-step streams apart: padding them to ~7,500 steps would cost more than them
+    groups.clear()
+    monkeypatch.setattr(rans, "_GROUP_ROWS", 40)  # a group's frequency rows capped: more groups, same codes
+    for out, (q, _, _) in zip(rans.decode_codes_many(items), cases):
+        np.testing.assert_array_equal(out, q)
+    assert len(groups) > 2
+    assert rans.decode_codes_many([]) == []
+
+
+def test_side_streams_in_python_and_in_numpy():
+    """Row/column bytes are decoded symbol by symbol up to _SCALAR_LANES lanes, in lockstep above: same checks."""
+    rng = np.random.default_rng(10)
+    for n in (500, 8192, 20000, 200000):  # 1, 1, 3 and 25 lanes
+        v = np.minimum(rng.geometric(0.05, n), 255)
+        table, freq = rans._table_bytes(np.bincount(v, minlength=256), 12)
+        stream = rans._rans_encode(v, np.zeros(n, np.int64), freq[None])
+        assert table + rans._varints(np.array([len(stream)])) + stream == rans._encode_values(v)
+
+        def side(data):
+            return rans._decode_values(rans._Reader(table + rans._varints(np.array([len(data)])) + data), n)
+
+        np.testing.assert_array_equal(side(stream), v)
+        with pytest.raises(ArtifactError, match="rANS stream ends early"):
+            side(stream[:-2])
+        with pytest.raises(ArtifactError, match="rANS stream does not decode to its initial state"):
+            side(stream + b"\0\0")
+        with pytest.raises(ArtifactError, match="rANS stream"):
+            side(stream[:-4] + bytes([stream[-4] ^ 0x10]) + stream[-3:])
+    assert rans._lanes(200000) > rans._SCALAR_LANES >= rans._lanes(20000)
+
+
+def _reseal(blob: bytes, body: bytes) -> bytes:
+    return blob[:1] + zlib.crc32(body).to_bytes(4, "little") + body
+
+
+def test_decode_many_names_the_damaged_blob(batch):
+    items = [(blob, q.shape, bits) for q, bits, blob in batch]
+    names = [f"blob{i}" for i in range(len(items))]
+    target = next(i for i, (_, _, blob) in enumerate(batch) if blob[5] == 1 and len(blob) > 1000)
+    blob, shape, bits = items[target]
+    damaged = [
+        blob[:-1] + bytes([blob[-1] ^ 1]),  # CRC mismatch: found while parsing
+        _reseal(blob, blob[5:-2]),  # one word short behind a valid CRC: found by the lockstep decode
+        _reseal(blob, blob[5:] + b"\0\0"),  # one word too many
+        _reseal(blob, blob[5:-6] + bytes(4) + blob[-2:]),  # words changed
+    ]
+    for bad in damaged:
+        forged = items[:target] + [(bad, shape, bits)] + items[target + 1:]
+        with pytest.raises(ArtifactError, match=f"^blob{target}: rANS"):
+            rans.decode_codes_many(forged, names)
+        with pytest.raises(ArtifactError, match="^rANS"):
+            decode_codes(bad, shape, bits)

@@ -6,7 +6,7 @@ codes codec; artifact.py tries both kinds and keeps the smallest. Names are uniq
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -24,6 +24,8 @@ class CodesEncoder(Protocol):
     encode: int8 codes in [-qmax(bits), qmax(bits)] of any shape -> bytes (shape and bits are stored elsewhere).
     decode: must return an int8 array of exactly `shape`, allocate nothing proportional to anything but `shape`,
     and raise golfquant.errors.ArtifactError on malformed input (the blob comes from an untrusted file).
+    An encoder may also have `decode_many(items, names)`: decode of every (blob, shape, bits) at once, which the
+    artifact reader then uses for all of its sections.
     """
 
     def encode(self, codes: np.ndarray, bits: int) -> bytes: ...
@@ -33,10 +35,11 @@ class CodesEncoder(Protocol):
 
 @dataclass(frozen=True)
 class CodesCodec:
-    """A CodesEncoder made of two functions."""
+    """A CodesEncoder made of functions."""
 
     encode: Callable[[np.ndarray, int], bytes]
     decode: Callable[[bytes, tuple[int, ...], int], np.ndarray]
+    decode_many: Callable[[Sequence[tuple[bytes, tuple[int, ...], int]], Sequence[str]], list[np.ndarray]] | None = None
 
 
 CODES_CODECS: dict[str, CodesEncoder] = {}
@@ -48,7 +51,7 @@ def register_codes_codec(name: str, encoder: CodesEncoder) -> None:
     CODES_CODECS[name] = encoder
 
 
-register_codes_codec("rans", CodesCodec(rans.encode_codes, rans.decode_codes))
+register_codes_codec("rans", CodesCodec(rans.encode_codes, rans.decode_codes, rans.decode_codes_many))
 
 
 def check_codec_names(names: Iterable[str]) -> list[str]:

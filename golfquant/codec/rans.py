@@ -15,14 +15,18 @@ codecs match) are predicted from an earlier row and only their wrapped residuals
 decoder rebuilds the tables from these parameters with only + - * / and sqrt in float64 (IEEE-exact, so
 identical on every machine), then rounds them to 16-bit frequencies.
 
-Public: encode_codes / decode_codes; estimate_encoded_bytes (size without coding); fit_size_model (the chosen
-model, to read its estimate and then encode without fitting again); size_breakdown.
+Public: encode_codes / decode_codes / decode_codes_many (many blobs at once: what an artifact's reader calls);
+estimate_encoded_bytes (size without coding); fit_size_model (the chosen model, to read its estimate and then
+encode without fitting again); size_breakdown.
 
 Stream: W interleaved rANS lanes (32-bit state in [2^16, 2^32), 16-bit words, 16-bit probabilities); element
 e of the row-major flattening goes to lane e % W at step e // W, so encode and decode are numpy ops across
-lanes with one Python iteration per step. The decoder checks a CRC-32, that every lane ends in its initial
-state and that every word was used, so damaged input raises ArtifactError. Encoder, decoder and size model
-stay in one module because all three must build the same tables from the same parameters.
+lanes with one Python iteration per step. decode_codes_many steps the lanes of the streams of all its blobs
+together (one iteration per step for all of them, not per step of each: most of an artifact's load time), and
+decodes the small side streams (row and column bytes, row references) symbol by symbol in plain Python. The
+decoder checks a CRC-32, that every lane ends in its initial state and that every word was used, so damaged
+input raises ArtifactError. Encoder, decoder and size model stay in one module because all three must build the
+same tables from the same parameters.
 
 Blob: version, CRC-32 of the body (uint32), body = kind, then per kind (all integers little-endian):
   kind 0: empty tensor (nothing else)
@@ -38,10 +42,9 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -208,8 +211,8 @@ def _rans_encode(sym: np.ndarray, cls: np.ndarray, freq: np.ndarray) -> bytes:
 
 class _Stream:
     """One interleaved rANS stream to decode: n symbols, symbol e coded with the frequency row freq[cls[e]] (with
-    cls None, row 0 for all). Creating it checks the stream's length and lane states, so callers make one before
-    they allocate anything of size n (a tiny stream may declare many elements)."""
+    cls None, row 0 for all); label prefixes its errors. Creating it checks the stream's length and lane states,
+    so callers make one before they allocate anything of size n (a tiny stream may declare many elements)."""
 
     def __init__(self, data: memoryview, n: int, freq: np.ndarray):
         self.n, self.freq, self.label = n, freq, ""
@@ -235,7 +238,7 @@ def _decode_scalar(st: _Stream) -> np.ndarray:
     """Symbols of a stream of one frequency row and few lanes (the side information), one Python step per symbol:
     far cheaper than a numpy step over one or two lanes."""
     freq = st.freq[0].tolist()
-    cum = [0, *itertools.accumulate(freq)]
+    cum = [0, *np.cumsum(st.freq[0]).tolist()]
     x, words = st.states.tolist(), st.words.tolist()
     out = bytearray(st.n)
     at = 0
@@ -260,111 +263,102 @@ def _decode_scalar(st: _Stream) -> np.ndarray:
 
 
 _GROUP_SLACK = 2  # a lockstep group pads its streams to its longest one: at most this many cells per symbol
-_GROUP_ROWS = 1024  # distinct frequency rows of a group: its symbol table is 64 KiB per row
+_GROUP_ROWS = 2048  # frequency rows of a group: its symbol table takes 64 KiB per row
+
+
+def _groups(streams: list[_Stream]) -> Iterator[list[int]]:
+    """Indexes of the streams, longest first, cut into lockstep groups: a stream joins the current group unless
+    that would pad the group past _GROUP_SLACK cells per symbol or take it past _GROUP_ROWS frequency rows."""
+    group: list[int] = []
+    classes: dict[int, set] = {}  # id(table) -> classes used
+    lanes = symbols = rows = 0
+    for i in sorted(range(len(streams)), key=lambda i: -streams[i].steps):
+        st = streams[i]
+        new = set(st.used.tolist()) - classes.get(id(st.freq), set())
+        if group and (streams[group[0]].steps * (lanes + st.lanes) > _GROUP_SLACK * (symbols + st.n)
+                      or rows + len(new) > _GROUP_ROWS):
+            yield group
+            group, classes, lanes, symbols, rows = [], {}, 0, 0, 0
+            new = set(st.used.tolist())
+        group.append(i)
+        classes.setdefault(id(st.freq), set()).update(new)
+        lanes, symbols, rows = lanes + st.lanes, symbols + st.n, rows + len(new)
+    if group:
+        yield group
 
 
 def _decode_streams(streams: list[_Stream]) -> list[np.ndarray]:
-    """Symbols (uint8) of every stream. Streams are decoded together in lockstep groups (one numpy step per step
-    index across the lanes of all of a group's streams), longest first; a stream joins the group unless that
-    would pad the group past _GROUP_SLACK cells per symbol or _GROUP_ROWS frequency rows."""
-    used = [st.used for st in streams]
-    out: list[np.ndarray | None] = [None] * len(streams)
-    group: list[int] = []
-    rows: dict[int, set] = {}
-    lanes = symbols = 0
-    for i in sorted(range(len(streams)), key=lambda i: -streams[i].steps):
-        st = streams[i]
-        new_rows = len(set(used[i].tolist()) - rows.get(id(st.freq), set()))
-        if group and (streams[group[0]].steps * (lanes + st.lanes) > _GROUP_SLACK * (symbols + st.n)
-                      or sum(map(len, rows.values())) + new_rows > _GROUP_ROWS):
-            for j, sym in zip(group, _decode_group([streams[j] for j in group], [used[j] for j in group])):
-                out[j] = sym
-            group, rows, lanes, symbols = [], {}, 0, 0
-        group.append(i)
-        rows.setdefault(id(st.freq), set()).update(used[i].tolist())
-        lanes += st.lanes
-        symbols += st.n
-    if group:
-        for j, sym in zip(group, _decode_group([streams[j] for j in group], [used[j] for j in group])):
-            out[j] = sym
+    """Symbols (uint8) of every stream: each lockstep group of them decoded together (_decode_group)."""
+    out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(streams)
+    for group in _groups(streams):
+        for i, sym in zip(group, _decode_group([streams[i] for i in group])):
+            out[i] = sym
     return out
 
 
-def _decode_group(streams: list[_Stream], used: list[np.ndarray]) -> list[np.ndarray]:
-    """Decode streams in lockstep: the lane states of all of them side by side, one frequency row per (table,
-    class) used, and shorter streams padded with a class that leaves a lane state unchanged."""
+def _decode_group(streams: list[_Stream]) -> list[np.ndarray]:
+    """Symbols of streams decoded in lockstep: one numpy step per step index across the lanes of all of them,
+    instead of one per step of each. Streams of fewer steps are padded with a class that leaves a lane unchanged."""
     steps = streams[0].steps
-    # Frequency rows: 0 is the padding row (symbol 0 takes all of 2^16), then each table's used classes.
-    # cmap maps (table offset + class) to row << 16; a table's class len(freq) is the padding class.
-    tables: dict[int, tuple[np.ndarray, list]] = {}
-    for st, u in zip(streams, used):
-        tables.setdefault(id(st.freq), (st.freq, []))[1].append(u)
-    nrows = 1 + sum(len(np.unique(np.concatenate(us))) for _, us in tables.values())
-    lut = np.zeros(nrows * _M, np.uint8)
-    freq_of = np.zeros(nrows * 256, np.int64)  # row r, symbol s at r * 256 + s
-    cum_of = np.zeros(nrows * 256, np.int64)
-    freq_of[0] = _M
-    cmaps, table_at = [], {}
-    row = at = 1
-    for key, (freq, us) in tables.items():
-        classes = np.unique(np.concatenate(us))
-        sub = freq[classes]
-        nsym = sub.shape[1]
-        lut[row * _M:(row + len(classes)) * _M] = np.repeat(np.tile(np.arange(nsym, dtype=np.uint8), len(classes)),
-                                                             sub.ravel())
-        cells = ((row + np.arange(len(classes)))[:, None] * 256 + np.arange(nsym)).ravel()
-        freq_of[cells] = sub.ravel()
-        cum_of[cells] = (np.cumsum(sub, axis=1) - sub).ravel()
-        cmap = np.zeros(freq.shape[0] + 1, np.int64)
-        cmap[classes] = (row + np.arange(len(classes))) << 16
-        cmaps.append(cmap)
-        table_at[key] = at - 1
-        at += cmap.size
-        row += len(classes)
-    cmap = np.concatenate(cmaps)
-    bounds = np.cumsum([0] + [st.lanes for st in streams])
-    total = int(bounds[-1])
-    cls = np.empty((steps, total), np.uint8)
+    # Frequency rows, 256 symbols each: row 0 is the padding (symbol 0 takes all of 2^16, which keeps a lane's
+    # state), then one per (table, class) used. A table's cmap maps its classes to row << 16 (class len(table): 0).
+    rows = [np.eye(1, 256, dtype=np.int64)[0] << _PROB_BITS]
+    cmaps: dict[int, np.ndarray] = {}
+    for st in streams:
+        cmap = cmaps.setdefault(id(st.freq), np.zeros(st.freq.shape[0] + 1, np.int64))
+        for c in st.used[cmap[st.used] == 0].tolist():
+            cmap[c] = len(rows) << 16
+            rows.append(np.pad(st.freq[c], (0, 256 - st.freq.shape[1])))
+    freq = np.array(rows)
+    lut = np.repeat(np.tile(np.arange(256, dtype=np.uint8), len(rows)), freq.ravel())  # 2^16 slots per row
+    low = (np.cumsum(freq, axis=1) - freq).ravel()
+    freq = freq.ravel()
+    cmap = np.concatenate(list(cmaps.values()))
+    table_at = dict(zip(cmaps, np.cumsum([0] + [m.size for m in cmaps.values()]).tolist()))
+    lanes = [st.lanes for st in streams]
+    offset = np.repeat([table_at[id(st.freq)] for st in streams], lanes)
+    # The class of every symbol, one row per step and one column per lane (one byte each: streams may be huge).
+    bounds = np.cumsum([0] + lanes)
+    cls = np.empty((steps, bounds[-1]), np.uint8)
     for st, a, b in zip(streams, bounds, bounds[1:]):
         full, part = divmod(st.n, st.lanes)
-        pad = st.freq.shape[0]
-        if st.cls is None:
-            cls[:full, a:b] = 0
-        else:
-            cls[:full, a:b] = st.cls[:full * st.lanes].reshape(full, st.lanes)
+        cls[:full, a:b] = 0 if st.cls is None else st.cls[:full * st.lanes].reshape(full, st.lanes)
+        cls[full:, a:b] = st.freq.shape[0]
         if part:
-            cls[full, a:b] = pad
             cls[full, a:a + part] = 0 if st.cls is None else st.cls[full * st.lanes:]
-            full += 1
-        cls[full:, a:b] = pad
-    offset = np.repeat([table_at[id(st.freq)] for st in streams], [st.lanes for st in streams])
     x = np.concatenate([st.states for st in streams])
     words = np.concatenate([st.words for st in streams] + [np.zeros(1, np.uint16)])  # + one word to clip reads to
     ends = np.cumsum([st.words.size for st in streams])
-    ptr = ends - [st.words.size for st in streams]  # each stream's next word
-    last = ptr - 1  # ptr - 1, kept along
-    count = np.arange(total)
-    sym = np.empty((steps, total), np.uint8)
-    for t in range(steps):
-        high = cmap[offset + cls[t]]  # frequency row << 16
+    last = ends - [st.words.size for st in streams] - 1  # each stream's next word, minus one
+    rank = np.arange(bounds[-1])
+    sym = np.empty((steps, bounds[-1]), np.uint8)
+    for t in range(steps):  # (take: faster than [] indexing)
+        high = cmap.take(offset + cls[t])  # frequency row << 16
         slot = x & 0xFFFF
-        s = lut[high | slot]
+        s = sym[t] = lut.take(high | slot)
         i = (high >> 8) | s
-        x = freq_of[i] * (x >> 16) + slot - cum_of[i]
-        sym[t] = s
+        x = freq.take(i) * (x >> 16) + slot - low.take(i)
         renorm = (x < _LOW).nonzero()[0]
-        if renorm.size:
-            # A step reads the words of one stream highest lane first: the lane of rank g (ascending, over all
-            # streams) in the stream whose renormalizing lanes end at rank `end` reads word ptr + end - 1 - g.
-            end = renorm.searchsorted(bounds)[1:]
-            k = np.diff(end, prepend=0)
-            x[renorm] = (x[renorm] << 16) | words.take(np.repeat(last + end, k) - count[:renorm.size], mode="clip")
+        if not renorm.size:
+            continue
+        # A step reads the words of a stream highest lane first: the lane of rank g among all renormalizing
+        # ones, in a stream whose renormalizing lanes end at rank `end`, reads word last + end - g.
+        if len(streams) == 1:  # (decode_codes of one blob: a slice is cheaper)
+            read = words[last[0] + 1:last[0] + 1 + renorm.size][::-1]
+            if read.size < renorm.size:
+                raise streams[0].fail(True)
+            last += renorm.size
+        else:
+            end = renorm.searchsorted(bounds)
+            k = end[1:] - end[:-1]
+            read = words.take(np.repeat(last + end[1:], k) - rank[:renorm.size], mode="clip")
             last += k
+        x[renorm] = (x.take(renorm) << 16) | read
     del cls
     out = []
     for st, a, b, p, end in zip(streams, bounds, bounds[1:], last + 1, ends):
         if p != end or (x[a:b] != _LOW).any():
-            raise st.fail(p > end)
+            raise st.fail(p > end)  # a damaged stream may read past its words: clipped reads, caught here
         out.append(sym[:st.steps, a:b].reshape(-1)[:st.n])
     return out
 
