@@ -108,6 +108,7 @@ COLLECTIVE = textwrap.dedent("""
     except DataError as e:
         print(f"rank {env.rank}: {e}")
     print(distributed.on_main(lambda: f"written by {env.rank}"), distributed.my_items(list(range(5)), [1, 5, 2, 4, 3]))
+    distributed.shutdown()
 """)
 
 
