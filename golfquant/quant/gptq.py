@@ -8,6 +8,7 @@ most negative eigenvalue; the damping finally used is recorded in GPTQStats. A n
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from golfquant.errors import DataError
-from golfquant.quant.clip import hessian_weighted_error, round_codes
-from golfquant.quant.qtensor import QuantizedTensor, qmax
+from golfquant.quant.clip import hessian_weighted_error
+from golfquant.quant.qtensor import QuantizedTensor, SalientColumns
+from golfquant.quant.salient import column_quantizers, round_mixed, split
 
 __all__ = ["GPTQStats", "PreparedHessian", "gptq_quantize", "hessian_weighted_error", "inverse_cholesky",
            "prepare_hessian"]
@@ -103,11 +105,12 @@ def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool =
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int = 128,
                   act_order: bool = True, damp: float = 0.01, prepared: list[PreparedHessian] | None = None,
-                  errors: bool = True) -> tuple[QuantizedTensor, GPTQStats]:
+                  errors: bool = True, salient: SalientColumns | None = None) -> tuple[QuantizedTensor, GPTQStats]:
     """GPTQ of w [rows, cols] (or a bank [S, rows, cols]) given H [cols, cols] (or [S, cols, cols]) and fp16 row
     scales [rows] (or [S, rows]). `prepared`: prepare_hessian(hessian, damp, act_order), when the caller quantizes
     several candidates against one H. errors=False skips the Hessian-weighted errors of GPTQ and RTN in the
-    stats (None). Deterministic for a given torch build and thread count."""
+    stats (None). `salient` (golfquant.quant.salient.salient_template): columns rounded at their own row scales
+    and width in the same sweep. Deterministic for a given torch build and thread count."""
     start = time.perf_counter()
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -122,12 +125,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: tor
     if len(prepared) == 1 and slices > 1:
         prepared = prepared * slices
     ws, ss = (w, scales) if w.dim() == 3 else (w[None], scales[None])
-    codes = torch.stack([_gptq_2d(wi, p, bits, si, block_size) for wi, p, si in zip(ws, prepared, ss)])
-    qt = QuantizedTensor(codes if w.dim() == 3 else codes[0], scales, bits)
+    sal = [None] * len(ws) if salient is None else [
+        dataclasses.replace(salient, scales=si) for si in (salient.scales if w.dim() == 3 else salient.scales[None])]
+    codes = torch.stack([_gptq_2d(wi, p, *column_quantizers(si, bits, cols, sa), block_size)
+                         for wi, p, si, sa in zip(ws, prepared, ss, sal)])
+    qt = split(codes if w.dim() == 3 else codes[0], scales, bits, salient)
     hessian_error = rtn_error = None
     if errors:
         h = hessian.float()
-        rtn = QuantizedTensor(round_codes(w, scales, bits), scales, bits)
+        rtn = round_mixed(w, scales, bits, salient)
         hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
         rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
     stats = GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared), hessian_error,
@@ -135,15 +141,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: tor
     return qt, stats
 
 
-def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, bits: int, scales: torch.Tensor, block_size: int
+def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, scales: torch.Tensor, bound: list[int], block_size: int
              ) -> torch.Tensor:
+    """Codes of one matrix; column c is rounded at the row scales scales[c] and clamped to ±bound[c]
+    (salient.column_quantizers: one width and scale vector for all columns but salient groups)."""
     rows, cols = w.shape
     w = w.float().clone()
     w[:, prep.dead] = 0.0
     w = w[:, prep.perm]
     hinv = prep.hinv
-    s = scales.float()
-    r = qmax(bits)
+    order = prep.perm.tolist()
     q = torch.empty(rows, cols, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -151,7 +158,7 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, bits: int, scales: torch.Te
         err1 = torch.empty(rows, i2 - i1, device=w.device)
         h1 = hinv[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            col = w1[:, j]
+            col, s, r = w1[:, j], scales[order[i1 + j]], bound[order[i1 + j]]
             qj = torch.clamp(torch.round(col / s), -r, r)  # the same expression as round_codes
             q[:, i1 + j] = qj
             err = (col - qj * s) / h1[j, j]

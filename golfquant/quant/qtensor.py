@@ -1,9 +1,10 @@
 """The quantized-tensor value type shared by quantizers, packers, the artifact and the kernels.
 
 Codes are symmetric integers in [-qmax(bits), qmax(bits)] held in int8; scales are fp16, one per output row
-(shape codes.shape[:-1]). Dequantization is one fp32 product, plus for LQER the fp32 sum of A @ B's rank-1 terms
-in order (kernels.lowrank_reference, the order the Triton kernel and the exported loader use too), rounded once to
-the output dtype, so every path agrees bit for bit.
+(shape codes.shape[:-1]). Dequantization is one fp32 product (salient column groups, when present, replaced by
+their own codes times their own row scales), plus for LQER the fp32 sum of A @ B's rank-1 terms in order
+(kernels.lowrank_reference, the order the Triton kernel and the exported loader use too), rounded once to the
+output dtype, so every path agrees bit for bit.
 """
 from __future__ import annotations
 
@@ -59,12 +60,38 @@ class LowRankFactors:
         return lowrank_reference(self.a(), self.b())
 
 
+def salient_columns(groups, group):
+    """Input columns of the salient groups: `group` consecutive columns per group index, in ascending order."""
+    return (torch.tensor(groups, dtype=torch.int64)[:, None] * group + torch.arange(group)).reshape(-1)
+
+
+@dataclass
+class SalientColumns:
+    """Groups of `group` consecutive input columns stored at a higher width `bits` with row scales of their own.
+
+    codes: int8 [..., rows, len(groups)*group], the columns of salient_columns(groups, group) in order;
+    scales: fp16 [..., rows]. The main codes hold 0 in these columns."""
+
+    groups: tuple[int, ...]
+    group: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+    def columns(self) -> torch.Tensor:
+        return salient_columns(self.groups, self.group).to(self.codes.device)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)
+
+
 @dataclass
 class QuantizedTensor:
     codes: torch.Tensor  # int8, the weight's shape
     scales: torch.Tensor  # fp16, codes.shape[:-1]
     bits: int
     lqer: LowRankFactors | None = None
+    salient: SalientColumns | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.int8:
@@ -83,10 +110,15 @@ class QuantizedTensor:
         if lqer is not None:
             lqer = dataclasses.replace(lqer, a_codes=lqer.a_codes.to(device), a_scale=lqer.a_scale.to(device),
                                        b_codes=lqer.b_codes.to(device), b_scales=lqer.b_scales.to(device))
-        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer)
+        sal = self.salient
+        if sal is not None:
+            sal = dataclasses.replace(sal, codes=sal.codes.to(device), scales=sal.scales.to(device))
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer, sal)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)
+        if self.salient is not None:  # before LQER: the correction is fitted to the mixed tensor's error
+            w = w.index_copy(-1, self.salient.columns(), self.salient.dequantize())
         if self.lqer is not None:
             w = w + self.lqer.product()
         return w.to(dtype)

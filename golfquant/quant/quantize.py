@@ -1,4 +1,5 @@
-"""One matrix at one setting (width, clip, optional LQER): GPTQ when asked and a Hessian exists, else RTN.
+"""One matrix at one setting (width, clip, optional LQER and salient column groups): GPTQ when asked and a Hessian
+exists, else RTN.
 
 The one place the pipeline, the measurement and the budget search turn a float weight into codes, so that what
 the measurement priced is what the artifact holds.
@@ -15,6 +16,7 @@ from golfquant.quant.gptq import GPTQStats, PreparedHessian, gptq_quantize, prep
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import QuantizedTensor
 from golfquant.quant.rtn import quantize_rtn
+from golfquant.quant.salient import SalientOptions, main_part, salient_template
 
 METHODS = ("gptq", "rtn")
 # Clip methods that read the tensor's Hessian; tensors without one fall back to plain k·std clipping.
@@ -41,22 +43,27 @@ class Quantizer:
 
     def __call__(self, w: torch.Tensor, bits: int, clip: ClipSpec, role: str | None, hessian: torch.Tensor | None,
                  lqer: LqerOptions | None = None, prepared: list[PreparedHessian] | None = None,
-                 errors: bool = True) -> tuple[QuantizedTensor, GPTQStats | None]:
+                 errors: bool = True, salient: SalientOptions | None = None
+                 ) -> tuple[QuantizedTensor, GPTQStats | None]:
         """Codes of w at `bits` with `clip`; GPTQ's statistics when it ran (errors=False: without the
         Hessian-weighted errors). With `lqer` (rank > 0) the result carries a low-rank correction of its error,
-        fitted with the activation scaling of the Hessian."""
+        fitted with the activation scaling of the Hessian. With `salient` (top > 0) its most salient column groups
+        are stored at salient.bits in the same solve (OptionError when w cannot have them, e.g. without a
+        Hessian)."""
         device = self.device or w.device
         w = w.to(device).float()
         hessian = None if hessian is None else hessian.to(device)
         if clip.method in HESSIAN_CLIPS and hessian is None:
             clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
         stats = None
+        sal = salient_template(w, hessian, bits, salient) if salient is not None and salient.top > 0 else None
         if self.method == "gptq" and hessian is not None:
-            scales = row_scales(w, bits, clip, hessian, role)
+            main, main_h = main_part(w, hessian, sal)
+            scales = row_scales(main, bits, clip, main_h, role)
             qt, stats = gptq_quantize(w, hessian, bits, scales, self.block_size, self.act_order, self.damp, prepared,
-                                      errors)
+                                      errors, sal)
         else:
-            qt = quantize_rtn(w, bits, clip, role, hessian)
+            qt = quantize_rtn(w, bits, clip, role, hessian, sal)
         if lqer is not None and lqer.rank > 0:
             qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
         return qt.to("cpu"), stats

@@ -8,21 +8,24 @@ from __future__ import annotations
 import torch
 
 from golfquant.errors import CheckpointError
-from golfquant.quant.clip import ClipSpec, parse_clip, round_codes, row_scales
-from golfquant.quant.qtensor import QuantizedTensor
+from golfquant.quant.clip import ClipSpec, parse_clip, row_scales
+from golfquant.quant.qtensor import QuantizedTensor, SalientColumns
+from golfquant.quant.salient import main_part, round_mixed
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, clip: str | ClipSpec = "amax", role: str | None = None,
-                 hessian: torch.Tensor | None = None) -> QuantizedTensor:
+                 hessian: torch.Tensor | None = None, salient: SalientColumns | None = None) -> QuantizedTensor:
     """RTN of a matrix [R, C] (scales [R]) or a parameter bank [S, R, C] (scales [S, R]).
 
     clip: a clip spec (`amax`, `pct:99.99984`, `sdclip:12.85`, ...); role picks the per-role k of sdclip specs;
-    hessian: for the clips that read it (hsdclip).
+    hessian: for the clips that read it (hsdclip); salient (golfquant.quant.salient.salient_template): columns
+    rounded at their own scales and width, the clip computed on the other columns.
     """
     spec = parse_clip(clip) if isinstance(clip, str) else clip
     w32 = w.detach().to(torch.float32)
     if not bool(torch.isfinite(w32).all()):
         raise CheckpointError(f"cannot quantize a tensor of shape {tuple(w.shape)} holding NaN or inf: "
                               "fix the checkpoint")
-    scales = row_scales(w32, bits, spec, hessian, role)
-    return QuantizedTensor(round_codes(w32, scales, bits), scales, bits)
+    main, main_h = main_part(w32, hessian, salient)
+    scales = row_scales(main, bits, spec, main_h, role)
+    return round_mixed(w32, scales, bits, salient)
