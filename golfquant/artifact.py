@@ -1,8 +1,8 @@
 """The artifact container (format in docs/artifact.md): header, compressed JSON manifest, then sections.
 
 Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
-section of fp16 scales, one shared section of passthrough tensors per element size, and per-factor code sections for
-LQER. The reader validates everything against the file size before allocating, since artifacts come from strangers.
+section of fp16 scales, one shared section of passthrough tensors per element size, per-factor code sections for
+LQER, and one code section for a tensor's salient column groups. The reader validates everything against the file size before allocating, since artifacts come from strangers.
 
 Writer, validating reader and size report share one module on purpose: they are three readings of one format, and
 keeping them side by side is what keeps a field the writer emits from going unchecked by the reader.
@@ -26,9 +26,10 @@ from golfquant.codec import BYTE_CODECS, CODES_CODECS, check_codec_names, compre
 from golfquant.codec.sizemodel import RANS, estimate_codes_section, estimate_stream_bytes, order0_bytes
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
-from golfquant.plan import (DTYPES, cast_to_scheme, scheme_of_dtype, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
-                            scheme_bits)
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, lqer_b_scale_count, qmax
+from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, cast_to_scheme, dtype_name,
+                            role_of, scheme_bits, scheme_of_dtype)
+from golfquant.quant.qtensor import (MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, SalientColumns,
+                                     lqer_b_scale_count, qmax)
 from kernels import PackedWeight
 
 MAGIC = b"GQA1"
@@ -74,6 +75,7 @@ class TensorSize:
     scales_bytes: int = 0
     data_bytes: int = 0
     lqer_bytes: int = 0
+    salient_bytes: int = 0  # the salient groups' codes and row scales
 
     @property
     def numel(self) -> int:
@@ -81,7 +83,7 @@ class TensorSize:
 
     @property
     def total(self) -> int:
-        return self.codes_bytes + self.scales_bytes + self.data_bytes + self.lqer_bytes
+        return self.codes_bytes + self.scales_bytes + self.data_bytes + self.lqer_bytes + self.salient_bytes
 
     @property
     def bits_per_weight(self) -> float:
@@ -252,6 +254,25 @@ def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
         raise ValueError(f"LQER factors of '{name}' do not fit its shape {shape} (see LowRankFactors)")
 
 
+def _groups_ok(groups: Any, count: int) -> bool:
+    """Salient group indexes: a non-empty, strictly ascending list of ints in [0, count)."""
+    return (isinstance(groups, (list, tuple)) and len(groups) > 0 and all(type(g) is int for g in groups)
+            and 0 <= groups[0] and groups[-1] < count and all(a < b for a, b in zip(groups, groups[1:])))
+
+
+def _check_salient(name: str, qt: QuantizedTensor, shape: list[int]) -> None:
+    sal = qt.salient
+    cols = shape[-1] if shape else 0
+    ok = (len(shape) >= 2 and sal.group >= 1 and cols % sal.group == 0 and _groups_ok(sal.groups, cols // sal.group)
+          and qt.bits < sal.bits <= MAX_BITS and sal.codes.dtype == torch.int8 and sal.scales.dtype == torch.float16
+          and tuple(sal.codes.shape) == (*shape[:-1], len(sal.groups) * sal.group)
+          and tuple(sal.scales.shape) == tuple(shape[:-1]))
+    if not ok:
+        raise ValueError(f"salient groups of '{name}' do not fit its shape {shape} and width (see SalientColumns)")
+    if bool(qt.codes[..., sal.columns()].any()):
+        raise ValueError(f"'{name}' has nonzero main codes in its salient columns (they must hold 0)")
+
+
 def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor | torch.Tensor],
                    plan: Mapping[str, TensorPlan | str] | None, meta: Mapping[str, Any] | None = None,
                    codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None,
@@ -318,6 +339,12 @@ def encode_artifact(tensors: Mapping[str, QuantizedTensor | torch.Tensor], plan:
                                  "a_codes": add_codes(f"lqer.a:{name}", lq.a_codes, lq.a_bits),
                                  "b_codes": add_codes(f"lqer.b:{name}", lq.b_codes, lq.b_bits),
                                  "a_scale": add_scales(lq.a_scale), "b_scales": add_scales(lq.b_scales)}
+            if value.salient is not None:  # the key only when present: artifacts without it are unchanged
+                sal = value.salient
+                _check_salient(name, value, entry["shape"])
+                entry["salient"] = {"group": sal.group, "groups": list(sal.groups), "bits": sal.bits,
+                                    "codes": add_codes(f"salient:{name}", sal.codes, sal.bits),
+                                    "scales": add_scales(sal.scales)}
         else:
             stored = cast_to_scheme(value, entry["scheme"])
             size = stored.element_size()
@@ -339,7 +366,8 @@ def encode_artifact(tensors: Mapping[str, QuantizedTensor | torch.Tensor], plan:
             entry["data"]["section"] = data_index[entry["data"]["section"]]
             continue
         lq = entry["lqer"]
-        for ref in [entry["scales"]] + ([lq["a_scale"], lq["b_scales"]] if lq else []):
+        for ref in [entry["scales"]] + ([lq["a_scale"], lq["b_scales"]] if lq else []) \
+                + ([entry["salient"]["scales"]] if "salient" in entry else []):
             ref["section"] = scales_index
 
     offset, section_entries = 0, []
@@ -448,6 +476,7 @@ def _check_keys(obj: dict, keys: set[str], where: str) -> None:
 _SECTION_KEYS = {"kind", "name", "offset", "length", "raw_length", "codec", "layout", "crc32"}
 _TENSOR_KEYS = {"name", "shape", "dtype", "role", "scheme", "bits", "kind"}
 _LQER_KEYS = {"rank", "group", "a_bits", "b_bits", "a_codes", "b_codes", "a_scale", "b_scales"}
+_SALIENT_KEYS = {"group", "groups", "bits", "codes", "scales"}
 
 
 def _validate_section(s: Any, where: str, offset: int) -> int:
@@ -524,6 +553,31 @@ def _validate_lqer(lq: Any, sections: list, shape: tuple[int, ...], where: str) 
     return math.prod(a_shape) + math.prod(b_shape)
 
 
+def _salient_shape(shape: tuple[int, ...], sal: dict) -> tuple[int, ...]:
+    return shape[:-1] + (len(sal["groups"]) * sal["group"],)
+
+
+def _validate_salient(sal: Any, sections: list, shape: tuple[int, ...], bits: int, where: str) -> int:
+    """A present "salient" entry (absent when the tensor has none: null is refused, one meaning per artifact);
+    whether the main codes hold 0 in its columns is checked when they are decoded."""
+    _get(sal, "group", where, int)
+    _check_keys(sal, _SALIENT_KEYS, where)
+    if len(shape) < 2:
+        raise _bad(where, "salient groups need a tensor of rank >= 2")
+    group = _get_int(sal, "group", where, 1, MAX_NUMEL)
+    if shape[-1] % group:
+        raise _bad(f"{where}.group", f"{group} does not divide the {shape[-1]} input columns")
+    if not _groups_ok(_get(sal, "groups", where, list), shape[-1] // group):
+        raise _bad(f"{where}.groups", f"must be a non-empty, strictly ascending list of ints in [0, {shape[-1] // group})")
+    sal_bits = _get_int(sal, "bits", where, MIN_BITS, MAX_BITS)
+    if sal_bits <= bits:
+        raise _bad(f"{where}.bits", f"{sal_bits} is not above the tensor's {bits} bits")
+    _check_codes_ref(sections, sal["codes"], _salient_shape(shape, sal), sal_bits, f"{where}.codes")
+    _check_span(sections, _get(sal, "scales", where, dict), _SCALE_BYTES * math.prod(shape[:-1]), "scales",
+                f"{where}.scales")
+    return math.prod(_salient_shape(shape, sal))
+
+
 def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
     """Check one tensor entry and its references; return its element count (LQER factors included)."""
     name = _get(t, "name", where, str)
@@ -532,7 +586,8 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         raise _bad(where, "appears twice")
     names.add(name)
     kind = _get_choice(t, "kind", where, ("quant", "float"))
-    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} if kind == "quant" else {"data"}), where)
+    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} | ({"salient"} & set(t)) if kind == "quant"
+                                   else {"data"}), where)
     shape = _shape_of(t, where)
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
@@ -548,6 +603,8 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         _check_span(sections, _get(t, "scales", where, dict), _SCALE_BYTES * math.prod(shape[:-1]), "scales",
                     f"{where}.scales")
         lq = _get(t, "lqer", where, (dict, type(None)))
+        if "salient" in t:
+            numel += _validate_salient(t["salient"], sections, shape, bits, f"{where}.salient")
         return numel + (0 if lq is None else _validate_lqer(lq, sections, shape, f"{where}.lqer"))
     if t["bits"] is not None:
         raise _bad(f"{where}.bits", "must be null for a float entry")
@@ -595,9 +652,12 @@ def _section_payload(region: memoryview, s: dict, where: str) -> bytes:
 
 
 def _code_refs(t: dict) -> dict[str, tuple[int, tuple[int, ...], int]]:
-    """(codes section, shape, bits) of a quantized tensor's codes ("codes") and of its LQER factors ("a", "b")."""
+    """(codes section, shape, bits) of a quantized tensor's codes ("codes"), of its LQER factors ("a", "b") and of
+    its salient groups ("salient")."""
     shape = tuple(t["shape"])
     refs = {"codes": (t["codes"], shape, t["bits"])}
+    if "salient" in t:
+        refs["salient"] = (t["salient"]["codes"], _salient_shape(shape, t["salient"]), t["salient"]["bits"])
     lq = t["lqer"]
     if lq is not None:
         refs["a"] = (lq["a_codes"], (shape[-2], lq["rank"]), lq["a_bits"])
@@ -699,26 +759,41 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
                 b_scales=scales(lq["b_scales"], (lqer_b_scale_count(lq["rank"], shape[-1], lq["group"]),), where),
                 b_bits=lq["b_bits"], group=lq["group"])
         row_scales = scales(t["scales"], shape[:-1], where)
+        sal = None
+        if "salient" in t:
+            sa = t["salient"]
+            sal = SalientColumns(tuple(sa["groups"]), sa["group"], codes(refs["salient"], where),
+                                 scales(sa["scales"], shape[:-1], where), sa["bits"])
         s = sections[t["codes"]]
         if packed:
-            data, layout = _packed_codes(region, s, shape, t["bits"], where, lambda: codes(refs["codes"], where))
+            data, layout, main = _packed_codes(region, s, shape, t["bits"], where, lambda: codes(refs["codes"], where))
             factors = None if lqer is None else (lqer.a(), lqer.b())
-            tensors[t["name"]] = PackedWeight(data, t["bits"], layout, shape, row_scales, factors)
+            packed_sal = None
+            if sal is not None:
+                sdata, slayout, _ = _packed_codes(region, sections[refs["salient"][0]], refs["salient"][1], sal.bits,
+                                                  where, lambda: sal.codes)
+                packed_sal = (sal.columns(), PackedWeight(sdata, sal.bits, slayout, refs["salient"][1], sal.scales))
+            value = PackedWeight(data, t["bits"], layout, shape, row_scales, factors, packed_sal)
         else:
-            tensors[t["name"]] = QuantizedTensor(codes(refs["codes"], where), row_scales, t["bits"], lqer)
+            main = codes(refs["codes"], where)
+            value = QuantizedTensor(main, row_scales, t["bits"], lqer, sal)
+        if sal is not None and bool(main[..., sal.columns()].any()):
+            raise ArtifactError(f"{where}: nonzero main codes in the salient columns (they must hold 0)")
+        tensors[t["name"]] = value
     return Artifact(manifest, tensors)
 
 
 def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str,
-                  codes: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str]:
-    """The section's bytes as stored in its bit layout; codes from a codes codec (`codes()`) come back as the int8
-    layout."""
+                  codes: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """The section's bytes as stored in its bit layout, and its codes; codes from a codes codec (`codes()`) come
+    back as the int8 layout."""
     if s["codec"] in CODES_CODECS:
-        return codes().view(torch.uint8).reshape(-1).clone(), "int8"
+        q = codes()
+        return q.view(torch.uint8).reshape(-1).clone(), "int8", q
     raw = _section_payload(region, s, where)
-    unpack_codes(raw, bits, s["layout"], shape)  # validates padding and code range before a kernel sees the bytes
+    q = unpack_codes(raw, bits, s["layout"], shape)  # validates padding and code range before a kernel sees the bytes
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8), \
-        s["layout"]
+        s["layout"], q
 
 
 def load_artifact(path: str | os.PathLike, dequantize: bool = True, device: str | torch.device = "cpu",
@@ -784,6 +859,10 @@ def _size_report(path: Path | None, m: dict, header_bytes: int, manifest_bytes: 
             parts[lq["b_codes"]].append((i, "lqer_bytes", 1))
             parts[lq["a_scale"]["section"]].append((i, "lqer_bytes", _SCALE_BYTES))
             parts[lq["b_scales"]["section"]].append((i, "lqer_bytes", _SCALE_BYTES * n_b))
+        if "salient" in t:
+            parts[t["salient"]["codes"]].append((i, "salient_bytes", 1))
+            parts[t["salient"]["scales"]["section"]].append((i, "salient_bytes",
+                                                             _SCALE_BYTES * math.prod(t["shape"][:-1])))
     unattributed = 0
     for index, refs in parts.items():
         length = sections[index]["length"]
@@ -795,6 +874,11 @@ def _size_report(path: Path | None, m: dict, header_bytes: int, manifest_bytes: 
              for i, s in enumerate(sections)]
     total = header_bytes + manifest_bytes + sum(s.length for s in infos)
     return ArtifactInfo(path, total, header_bytes, manifest_bytes, manifest_codec, unattributed, infos, rows)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The validated manifest of an artifact (docs/artifact.md). Decompresses no section."""
+    return _read_container(path)[0]
 
 
 def artifact_sizes(path: str | os.PathLike) -> ArtifactInfo:

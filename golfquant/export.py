@@ -27,17 +27,19 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from golfquant.codepack import CODECS as CODE_CODECS
-from golfquant.codepack import PackedCode, minify, pack
+from golfquant.codepack import CODECS as CODE_CODECS, PackedCode, minify, pack
 from golfquant.errors import OptionError
-from golfquant.quant.qtensor import lqer_b_scale_count
+from golfquant.quant.qtensor import lqer_b_scale_count, salient_columns
 from kernels.dequant import lowrank_reference
 
 # Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted.
 LOADER_CODECS = ("none", "zlib", "zstd", "brotli", "lzma", "rans")
+# Tensor features only some artifacts use, in blocks like the codecs': salient column groups.
+LOADER_FEATURES = ("salient",)
 _BLOCK_END = "# [end]"
 # Functions whose source replaces the line `# <name>` of _LOADER: one definition for the library and the loader.
-_SHARED = (lqer_b_scale_count, lowrank_reference)
+_SHARED = (lqer_b_scale_count, lowrank_reference, salient_columns)
+_SHARED_BLOCK = {"salient_columns": "salient"}  # shared functions inside a block: spliced only when it is kept
 
 # Mirrors golfquant/artifact.py (container and sections), golfquant/pack.py (code layouts), golfquant/codec/lz.py
 # (byte codecs) and golfquant/codec/rans.py (the rANS decoder, its tables rebuilt with the same float64 operations
@@ -74,6 +76,10 @@ def load_artifact(path):
     # <lqer_b_scale_count>
 
     # <lowrank_reference>
+    # [salient]
+
+    # <salient_columns>
+    # [end]
 
     def section(index):
         s = sections[index]
@@ -276,6 +282,12 @@ def load_artifact(path):
             w = tensor_at(shared[ref['section']], ref['offset'], shape, getattr(torch, ref['dtype']))
             return lambda: w.to(dtype)
         q = codes(t['codes'], shape, t['bits'])
+        # [salient]
+        sa = t.get('salient')
+        if sa:  # groups of input columns with codes (main codes 0 there) and row scales of their own
+            cols_s = salient_columns(sa['groups'], sa['group'])
+            sq = codes(sa['codes'], shape[:-1] + (len(cols_s),), sa['bits'])
+        # [end]
         lq = t['lqer']
         if lq:  # + A @ B, A with one scale, B with one scale per `group` elements of B flattened
             rank, group, cols = lq['rank'], lq['group'], shape[-1]
@@ -284,6 +296,10 @@ def load_artifact(path):
 
         def get():
             w = q() * scales(t['scales'], shape[:-1])[..., None]
+            # [salient]
+            if sa:
+                w[..., cols_s] = sq() * scales(sa['scales'], shape[:-1])[..., None]
+            # [end]
             if lq:
                 b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
                 b_full = (b().reshape(-1) * b_scales[torch.arange(rank * cols) // group]).reshape(rank, cols)
@@ -310,11 +326,12 @@ def load_artifact(path):
 '''
 
 
-def _splice_shared(source: str) -> str:
-    """The loader with each `# <name>` line replaced by the source of that _SHARED function."""
+def _splice_shared(source: str, wanted: set[str]) -> str:
+    """The loader with each `# <name>` line replaced by the source of that _SHARED function (none for a function
+    whose block was dropped)."""
     for fn in _SHARED:
         marker = f"    # <{fn.__name__}>\n"
-        if source.count(marker) != 1:
+        if source.count(marker) != (_SHARED_BLOCK.get(fn.__name__, "") in wanted | {""}):
             raise RuntimeError(f"the loader template must hold the line '# <{fn.__name__}>' once")
         source = source.replace(marker, textwrap.indent(inspect.getsource(fn), "    "))
     return source
@@ -428,25 +445,36 @@ def _rename_locals(source: str) -> str:
     return ast.unparse(tree)
 
 
-def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None) -> str:
+def _check_features(features: Iterable[str] | None) -> set[str]:
+    wanted = set(LOADER_FEATURES if features is None else features)
+    unknown = sorted(wanted - set(LOADER_FEATURES))
+    if unknown:
+        raise OptionError(f"the exported loader has no feature '{unknown[0]}': it knows {', '.join(LOADER_FEATURES)}")
+    return wanted
+
+
+def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None,
+                  features: Iterable[str] | None = None) -> str:
     """Python source defining `load_artifact(path) -> dict[str, torch.Tensor]` (the dequantized state_dict, original
-    dtypes) for artifacts whose sections and manifest use only `codecs` (default: every codec it knows).
+    dtypes) for artifacts whose sections and manifest use only `codecs` (default: every codec it knows) and whose
+    tensors use only `features` of LOADER_FEATURES (default: all; artifact_features names an artifact's).
 
     minimal: locals renamed to short names and minified (no comments); else the readable, commented source.
     Deterministic. Depends on numpy, torch, the stdlib, and zstandard / brotli only when those codecs are asked for.
     """
-    source = _splice_shared(_keep_blocks(_LOADER, _check_codecs(codecs)))
+    wanted = _check_codecs(codecs) | _check_features(features)
+    source = _splice_shared(_keep_blocks(_LOADER, wanted), wanted)
     if not minimal:
         return source
     return minify(_rename_locals(source), "<exported loader>", strip_annotations=True)
 
 
-def packed_loader(codecs: Iterable[str] | None = None) -> PackedCode:
+def packed_loader(codecs: Iterable[str] | None = None, features: Iterable[str] | None = None) -> PackedCode:
     """The minimal loader as a self-extracting `exec(...decompress(...))` line (golfquant.codepack.pack), shortest
     of the wrappers whose decompressor the loader needs anyway: lzma and zlib (stdlib), brotli only when the
     artifact uses it. Its raw_bytes are those of the minimal source."""
     wanted = _check_codecs(codecs)
-    source = loader_source(True, wanted)
+    source = loader_source(True, wanted, features)
     families = [c for c in CODE_CODECS if c != "brotli" or "brotli" in wanted]
     return min((pack(source, c, name="<exported loader>") for c in families), key=lambda p: p.packed_bytes)
 
@@ -457,3 +485,10 @@ def artifact_codecs(path: str | os.PathLike) -> set[str]:
 
     info = artifact_sizes(path)
     return {info.manifest_codec, *(s.codec for s in info.sections)}
+
+
+def artifact_features(path: str | os.PathLike) -> set[str]:
+    """The LOADER_FEATURES an artifact's tensors use: what its loader must rebuild beyond codes and scales."""
+    from golfquant.artifact import read_manifest  # validates the whole container and manifest
+
+    return {"salient"} if any("salient" in t for t in read_manifest(path)["tensors"]) else set()

@@ -15,6 +15,7 @@ from golfquant.plan import PlanOptions
 from golfquant.quant.clip import ClipSpec, parse_clip
 from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.quantize import HESSIAN_CLIPS, METHODS, Quantizer
+from golfquant.quant.salient import SalientOptions
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class QuantizeOptions:
     act_order: bool = True
     damp: float = 0.01
     lqer: LqerOptions = field(default_factory=LqerOptions)
+    salient: SalientOptions = field(default_factory=SalientOptions)  # every matrix with a Hessian that fits
     num_heads: int | None = None
     model_spec: str | None = None
     model_args: dict | None = None
@@ -65,6 +67,10 @@ class QuantizeOptions:
                 raise OptionError("--lqer cannot be combined with --prune-to-budget: drop one of them"
                                   if self.prune_to_budget else
                                   "--budget buys LQER corrections per tensor where they pay: drop --lqer")
+            if self.salient.top > 0:
+                raise OptionError("--salient cannot be combined with --prune-to-budget: drop one of them"
+                                  if self.prune_to_budget else
+                                  "--budget buys salient column groups per tensor where they pay: drop --salient")
             if self.sequential:
                 raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
         if self.sequential and self.method != "gptq":
@@ -72,7 +78,7 @@ class QuantizeOptions:
 
     @property
     def needs_hessians(self) -> bool:
-        return (self.method == "gptq" or self.clip.method in HESSIAN_CLIPS or self.lqer.top > 0
+        return (self.method == "gptq" or self.clip.method in HESSIAN_CLIPS or self.lqer.top > 0 or self.salient.top > 0
                 or (self.budget is not None and not self.prune_to_budget))
 
     @property

@@ -17,11 +17,12 @@ from golfquant.calib import (Hessian, calibration_hessians, calibration_tokens, 
 from golfquant.checkpoint import Checkpoint
 from golfquant.distributed import collective, my_items, resolve_device
 from golfquant.factory import build_model
+from golfquant.options import QuantizeOptions
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
-from golfquant.options import QuantizeOptions
 from golfquant.quant.clip import ClipSpec, hessian_weighted_error
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
+from golfquant.quant.salient import SalientOptions
 
 
 @dataclass
@@ -83,7 +84,9 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
         mine = my_items(todo, [sd[n].numel() for n in todo])
         done = {}
         for i, name in enumerate(mine, 1):
-            done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, hessian_of(hessians, name), opts)
+            h = hessian_of(hessians, name)
+            done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, h, opts,
+                                         salient=salient_for(opts, sd[name], plan[name].bits, h))
             if progress is not None:
                 progress("quantize", i, len(mine))
         return done
@@ -101,6 +104,9 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
             on_tensor(report)
     gptq_meta(meta, reports, opts)
     clip_k_meta(meta, spec, plan.values())
+    if opts.salient.top > 0:
+        meta["salient"] = dataclasses.asdict(opts.salient) | {
+            "tensors": [n for n, v in out.items() if isinstance(v, QuantizedTensor) and v.salient is not None]}
     if opts.lqer.top > 0:
         meta["lqer"] = _apply_lqer(out, sd, hessians, opts.lqer)
     return Quantized(out, plan, reports, meta)
@@ -120,12 +126,21 @@ def hessian_of(hessians: dict[str, Hessian], name: str) -> torch.Tensor | None:
     return hessians[name].H if name in hessians else None
 
 
+def salient_for(opts: QuantizeOptions, t: torch.Tensor, bits: int, h: torch.Tensor | None) -> SalientOptions | None:
+    """opts.salient where the tensor can have it (a Hessian, columns in whole groups, a wider salient width), else
+    None: --salient applies to every matrix that fits and leaves the others as they are (meta["salient"] names
+    those it applied to)."""
+    s = opts.salient
+    return s if s.top > 0 and s.unfit(tuple(t.shape), bits, h) is None else None
+
+
 def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, h: torch.Tensor | None,
-                    opts: QuantizeOptions, lqer: LqerOptions | None = None) -> tuple[QuantizedTensor, TensorReport]:
+                    opts: QuantizeOptions, lqer: LqerOptions | None = None, salient: SalientOptions | None = None
+                    ) -> tuple[QuantizedTensor, TensorReport]:
     """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), and its
     report row."""
     start = time.perf_counter()
-    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer)
+    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, salient=salient)
     report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "rtn", 0.0)
     if stats is not None:
         ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0
@@ -176,7 +191,9 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
         tp = plan.get(name)
         if tp is None or tp.bits is None:
             return weight
-        quantized[name] = quantize_tensor(ckpt.state_dict[name], tp, tp.bits, spec, hessian.H, opts)
+        w = ckpt.state_dict[name]
+        quantized[name] = quantize_tensor(w, tp, tp.bits, spec, hessian.H, opts,
+                                          salient=salient_for(opts, w, tp.bits, hessian.H))
         return quantized[name][0].dequantize(weight.dtype)
 
     hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=resolve_batch(model, opts.calib),

@@ -7,14 +7,16 @@ import click
 
 from golfquant.atomic import atomic_write_text
 from golfquant.errors import OptionError
-from golfquant.export import LOADER_CODECS, artifact_codecs, loader_source, packed_loader
+from golfquant.export import (LOADER_CODECS, LOADER_FEATURES, artifact_codecs, artifact_features, loader_source,
+                              packed_loader)
 from golfquant_cli.options import json_option
 from golfquant_cli.render import console, emit_json, fmt_bytes, table
 
 
 @click.command("export-loader")
 @click.option("--artifact", type=click.Path(path_type=Path), default=None,
-              help="Emit the smallest loader that reads this artifact (only the codecs it uses); default: all codecs.")
+              help="Emit the smallest loader that reads this artifact (only the codecs and features it uses); default: "
+                   "all codecs and features.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the loader here (atomically) instead of printing it.")
 @click.option("--packed", is_flag=True, help="Emit the self-extracting one-line form (exec of a decompressed blob).")
@@ -27,15 +29,16 @@ def export_loader(artifact: Path | None, out: Path | None, packed: bool, readabl
     if packed and readable:
         raise OptionError("--packed and --readable exclude each other: the packed form is built from the minified one")
     codecs = artifact_codecs(artifact) if artifact is not None else set(LOADER_CODECS)
-    minimal = loader_source(True, codecs)
-    wrapped = packed_loader(codecs)
-    text = wrapped.text if packed else loader_source(False, codecs) if readable else minimal
-    sizes = {"raw_bytes": len(loader_source(False, codecs).encode("utf-8")),
+    features = artifact_features(artifact) if artifact is not None else set(LOADER_FEATURES)
+    minimal = loader_source(True, codecs, features)
+    wrapped = packed_loader(codecs, features)
+    text = wrapped.text if packed else loader_source(False, codecs, features) if readable else minimal
+    sizes = {"raw_bytes": len(loader_source(False, codecs, features).encode("utf-8")),
              "minified_bytes": len(minimal.encode("utf-8")), "packed_bytes": wrapped.packed_bytes}
     if out is not None:
         atomic_write_text(out, text)
     if as_json:
-        summary = {"bytes": len(text.encode("utf-8")), "codecs": sorted(codecs),
+        summary = {"bytes": len(text.encode("utf-8")), "codecs": sorted(codecs), "features": sorted(features),
                    "out": None if out is None else str(out), **sizes}
         emit_json(summary if out is not None else summary | {"source": text})
     elif out is None:

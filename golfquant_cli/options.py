@@ -10,6 +10,7 @@ from golfquant.calib import CalibConfig
 from golfquant.errors import OptionError
 from golfquant.plan import PlanOptions, parse_rule
 from golfquant.quant.lqer import LqerOptions
+from golfquant.quant.salient import SalientOptions
 from golfquant_cli import render
 
 SCHEMES_HELP = "int2..int8, fp16, fp32"
@@ -127,6 +128,24 @@ def parse_lqer(text: str | None) -> LqerOptions:
         except ValueError:
             raise OptionError(f"--lqer {text!r}: {key} must be an integer, got {value!r}") from None
     return LqerOptions(**fields)
+
+
+def parse_salient(text: str | None) -> SalientOptions:
+    """`top=1[,group=64,bits=8]`: the most salient groups of input columns at a higher width."""
+    if not text:
+        return SalientOptions()
+    fields = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in SalientOptions.__dataclass_fields__ or key in fields:
+            raise OptionError(f"--salient {text!r}: expected KEY=INT pairs from top, group, bits, each once "
+                              "(e.g. top=1,group=64,bits=8)")
+        try:
+            fields[key] = int(value)
+        except ValueError:
+            raise OptionError(f"--salient {text!r}: {key} must be an integer, got {value.strip()!r}") from None
+    return SalientOptions(**fields)
 
 
 def parse_budget(text: str) -> int:

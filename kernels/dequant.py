@@ -59,15 +59,24 @@ class PackedWeight(NamedTuple):
     shape: tuple[int, ...]
     scales: torch.Tensor  # fp16 [shape[:-1]]
     lqer: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 A [rows, r], B [r, cols]
+    # salient column groups: (their column indexes, int64 [k], and their codes [..., rows, k] as a weight of its own)
+    salient: tuple[torch.Tensor, PackedWeight] | None = None
 
     def to(self, device: str | torch.device) -> PackedWeight:
         lqer = None if self.lqer is None else (self.lqer[0].to(device), self.lqer[1].to(device))
-        return self._replace(packed=self.packed.to(device), scales=self.scales.to(device), lqer=lqer)
+        salient = None if self.salient is None else (self.salient[0].to(device), self.salient[1].to(device))
+        return self._replace(packed=self.packed.to(device), scales=self.scales.to(device), lqer=lqer, salient=salient)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
-        """dequantize_packed of this weight, on its device."""
-        return dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, dtype,
-                                 backend)
+        """dequantize_packed of this weight, on its device; salient groups through the same kernel, written into
+        their columns. Bit-exact: the LQER sum is elementwise, so the salient part adds the same terms (B's
+        salient columns) to its own columns before the one rounding to dtype."""
+        w = dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, dtype, backend)
+        if self.salient is not None:
+            cols, sub = self.salient
+            lqer = None if self.lqer is None else (self.lqer[0], self.lqer[1][:, cols].contiguous())
+            w.index_copy_(-1, cols, sub._replace(lqer=lqer).dequantize(dtype, backend))
+        return w
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias, W [out, in] held as packed codes + fp16 scales (+ LQER factors).
 
     Like `CastedLinear`, the weight is rounded to the activation dtype (autocast's dtype when autocast is on).
-    Up to FUSED_MAX_ROWS activation rows without LQER use the fused kernel; otherwise the weight is
+    Up to FUSED_MAX_ROWS activation rows without LQER or salient groups use the fused kernel; otherwise the weight is
     dequantized (Triton on CUDA, torch elsewhere) and multiplied by F.linear."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
-        packed, bits, layout, shape, scales, lqer = weight
+        packed, bits, layout, shape, scales, lqer, salient = weight
         self.bits, self.layout, self.shape, self.backend = bits, layout, tuple(int(d) for d in shape), backend
         if len(self.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight shape (out, in), got {self.shape}")
@@ -36,6 +36,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale_bits", scales.view(torch.int16))
         self.register_buffer("lqer_a_bits", None if lqer is None else lqer[0].contiguous().view(torch.int32))
         self.register_buffer("lqer_b_bits", None if lqer is None else lqer[1].contiguous().view(torch.int32))
+        # salient column groups: their columns, and their codes as a packed weight of its own (bits, layout, shape)
+        self.salient_format = None if salient is None else salient[1][1:4]
+        self.register_buffer("salient_cols", None if salient is None else salient[0])
+        self.register_buffer("salient_packed", None if salient is None else salient[1].packed)
+        self.register_buffer("salient_scale_bits", None if salient is None else salient[1].scales.view(torch.int16))
         self.bias = bias
 
     @property
@@ -50,7 +55,11 @@ class QuantLinear(nn.Module):
 
     @property
     def packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer)
+        salient = None
+        if self.salient_format is not None:
+            sub = PackedWeight(self.salient_packed, *self.salient_format, self.salient_scale_bits.view(torch.float16))
+            salient = (self.salient_cols, sub)
+        return PackedWeight(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, salient)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lqer_a_bits is None else self.lqer_a_bits.shape[1]
@@ -65,7 +74,7 @@ class QuantLinear(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.lqer_a_bits is None and x2.shape[0] <= FUSED_MAX_ROWS:
+        if self.lqer_a_bits is None and self.salient_format is None and x2.shape[0] <= FUSED_MAX_ROWS:
             y = dequant_matmul(x2, self.packed, self.bits, self.layout, self.shape, self.scales, self.backend)
             y = y if bias is None else y + bias
         else:
