@@ -44,7 +44,7 @@ from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.distributed import on_main
 from golfquant.errors import OptionError
 from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, MeasurementInfo, candidate_grid, dequantized,
-                               measure, record_candidate, sdclip, stored_bytes)
+                               measure, record_candidate, salient_fits, sdclip, stored_bytes)
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, build_float_model, calibrate,
                                 clip_k_meta, gptq_meta, hessian_of, quantize_tensor, stage)
@@ -206,7 +206,9 @@ class _Run:
 
     def grids(self) -> dict[str, list[Candidate]]:
         fixed_clip = self.spec if self.opts.fixed_clip else None
-        return {n: candidate_grid(self.plan[n].role, self.sd[n].dim(), fixed_clip) for n in self.free}
+        hessians = self.calibration.hessians
+        return {n: candidate_grid(self.plan[n].role, self.sd[n].dim(), fixed_clip,
+                                  salient_fits(self.sd[n], hessian_of(hessians, n))) for n in self.free}
 
     def measure(self, cache: Path | None) -> Measurement:
         grids = self.grids()
@@ -253,7 +255,8 @@ class _Run:
                 self.values[key] = (cast_to_scheme(self.sd[name], cand.scheme), None)
             else:
                 h = hessian_of(self.calibration.hessians, name)
-                self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer)
+                self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer,
+                                                   cand.salient)
         return self.values[key][0]
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:

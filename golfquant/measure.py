@@ -8,10 +8,14 @@ Candidates of one matrix (`candidate_grid`), a set designed so that finer moves 
 * intB with SDClip k: B = 2..8; k = 2 (int2), 3, 4.24, 6 (int3), and 4, 5.66, 8, 11.3, 16 (int4..int8), the √2
   grid of clip ranges that holds every setting the measured allocations of benchmarks/sensitivity.py picked;
 * the records' settings, int6 k = 12.85 (int8 k = 20 for an embedding), so that their recipe is a plan of the table;
-* LQER rank 4 (the records' factors) on top of int3 k = 4.24 and int4..int6 k = 8 (2-D matrices only).
-With a clip fixed by the user (`fixed_clip`), the widths with that clip, and fp16.
+* LQER rank 4 (the records' factors) on top of int3 k = 4.24 and int4..int6 k = 8 (2-D matrices only);
+* PR #1908's salient groups (the top group of 64 input columns at int8, golfquant.quant.salient) on top of the
+  records' setting and int4, int5 k = 8, for 2-D matrices with a Hessian whose columns come in whole groups
+  (three candidates: where the records' widths and the budget's usual picks are).
+With a clip fixed by the user (`fixed_clip`), the widths with that clip, salient groups on int4..int6, and fp16.
 
-Bytes: the order-0 entropy of the codes, the fp16 row scales, and the LQER factors' codes and scales; fp16 is two
+Bytes: the order-0 entropy of the codes, the fp16 row scales, the LQER factors' and salient groups' codes and
+scales; fp16 is two
 bytes per element. The coder lands within a few % of the entropy; the budget search prices what it picks with
 the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the quantizer
 actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a forward pass
@@ -33,14 +37,17 @@ from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
 from golfquant.quant.quantize import Quantizer
+from golfquant.quant.salient import SalientOptions
 
-VERSION = 2  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 3  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
 RECORD_WIDTH = {"embed": 8, "default": 6}  # the 04-05 SDClip record: int8 embeddings, int6 matrices
 LQER_AT = ((3, 4.243), (4, 8.0), (5, 8.0), (6, 8.0))
 RECORD_LQER = LqerOptions(rank=4)
+SALIENT_AT = ((4, 8.0), (5, 8.0))  # and the records' setting
+RECORD_SALIENT = SalientOptions(top=1, group=64, bits=8)  # PR #1908
 
 
 def sdclip(k: float) -> ClipSpec:
@@ -49,30 +56,37 @@ def sdclip(k: float) -> ClipSpec:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction."""
+    """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction
+    and salient column groups."""
 
     bits: int | None
     clip: ClipSpec | None = None
     lqer: LqerOptions | None = None
+    salient: SalientOptions | None = None
 
     @property
     def key(self) -> str:
         if self.bits is None:
             return FLOAT_SCHEME
-        return f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
+        sal = self.salient
+        return (f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
+                + (f" +salient{sal.top}x{sal.group}@int{sal.bits}" if sal else ""))
 
     @property
     def scheme(self) -> str:
         return FLOAT_SCHEME if self.bits is None else f"int{self.bits}"
 
     def to_json(self) -> dict:
+        sal = self.salient
         return {"bits": self.bits, "clip": None if self.clip is None else str(self.clip),
-                "lqer": None if self.lqer is None else self.lqer.rank}
+                "lqer": None if self.lqer is None else self.lqer.rank,
+                "salient": None if sal is None else [sal.top, sal.group, sal.bits]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Candidate":
         clip = None if d["clip"] is None else parse_clip(d["clip"])
-        return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]))
+        return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]),
+                   None if d["salient"] is None else SalientOptions(*d["salient"]))
 
 
 def record_candidate(role: str) -> Candidate:
@@ -81,10 +95,13 @@ def record_candidate(role: str) -> Candidate:
     return Candidate(RECORD_WIDTH[key], sdclip(record_k(key, RECORD_WIDTH[key])))
 
 
-def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None) -> list[Candidate]:
-    """The candidates of one tensor (module docstring), in a fixed order: fp16 first."""
+def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, salient: bool = False
+                   ) -> list[Candidate]:
+    """The candidates of one tensor (module docstring), in a fixed order: fp16 first. salient: the tensor can
+    have RECORD_SALIENT's groups (2-D, a Hessian, whole groups: salient_fits)."""
     if fixed_clip is not None:
-        return [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
+        out = [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
+        return out + ([Candidate(b, fixed_clip, salient=RECORD_SALIENT) for b in (4, 5, 6)] if salient else [])
     out = [Candidate(None)]
     for bits in range(MIN_BITS, MAX_BITS + 1):
         out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
@@ -93,7 +110,15 @@ def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None) -> 
         out.append(record)
     if ndim == 2:
         out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
+    if salient:
+        out += [Candidate(bits, clip, salient=RECORD_SALIENT) for bits, clip in
+                [(b, sdclip(k)) for b, k in SALIENT_AT] + [(record.bits, record.clip)] if bits < RECORD_SALIENT.bits]
     return out
+
+
+def salient_fits(w: torch.Tensor, hessian: torch.Tensor | None) -> bool:
+    """Whether the grid of w offers salient groups: a 2-D matrix that can hold RECORD_SALIENT's at int6."""
+    return w.dim() == 2 and RECORD_SALIENT.unfit(tuple(w.shape), 6, hessian) is None
 
 
 @dataclass
@@ -110,18 +135,22 @@ def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | 
     """The value the artifact holds for w under `cand`: a QuantizedTensor, or the fp16 tensor."""
     if cand.bits is None:
         return cast_to_scheme(w, FLOAT_SCHEME)
-    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False)[0]
+    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False,
+                     salient=cand.salient)[0]
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
     """What a stored value adds to an artifact before the shared sections' compression: its codes, priced by
-    codes_bytes(codes, bits), and the raw bytes of its scales, LQER factors included; a float tensor's raw bytes."""
+    codes_bytes(codes, bits), and the raw bytes of its scales, LQER factors and salient groups included; a float
+    tensor's raw bytes."""
     if not isinstance(value, QuantizedTensor):
         return float(value.numel() * value.element_size())
     parts = [(value.codes, value.bits, value.scales)]
     if value.lqer is not None:
         lq = value.lqer
         parts += [(lq.a_codes, lq.a_bits, lq.a_scale), (lq.b_codes, lq.b_bits, lq.b_scales)]
+    if value.salient is not None:
+        parts.append((value.salient.codes, value.salient.bits, value.salient.scales))
     return sum(codes_bytes(codes, bits) + scales.numel() * scales.element_size() for codes, bits, scales in parts)
 
 
@@ -198,7 +227,7 @@ def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str,
         base: dict[Candidate, QuantizedTensor] = {}
         rows = []
         for cand in grid:
-            plain = Candidate(cand.bits, cand.clip)
+            plain = Candidate(cand.bits, cand.clip, salient=cand.salient)
             if cand.lqer is not None and plain in base:
                 value = _with_lqer(base[plain], w, cand.lqer, h)
             else:

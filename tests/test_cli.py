@@ -64,7 +64,7 @@ REPORT_KEYS = {"artifact", "artifact_bytes", "code_bytes", "total_bytes", "budge
                "manifest_bytes", "scales_bytes", "entropy_bytes", "row_entropy_bytes", "codes_bytes", "overhead_pct",
                "groups", "tensors"}
 TENSOR_KEYS = {"name", "role", "shape", "scheme", "bits", "elements", "raw_bytes", "compressed_bytes", "codes_bytes",
-               "scales_bytes", "lqer_bytes", "bits_per_weight", "codec", "layout"}
+               "scales_bytes", "lqer_bytes", "salient_bytes", "bits_per_weight", "codec", "layout"}
 ENTROPY_KEYS = {"entropy_bytes", "row_entropy_bytes", "col_entropy_bytes", "overhead_pct", "row_overhead_pct"}
 GROUP_KEYS = {"role", "tensors", "elements", "raw_bytes", "compressed_bytes", "codes_bytes", "entropy_bytes",
               "row_entropy_bytes", "bits_per_weight", "overhead_pct"}
