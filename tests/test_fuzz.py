@@ -26,7 +26,7 @@ from golfquant.artifact import MAGIC, VERSION, load_artifact, read_artifact, wri
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress
 from golfquant.errors import ArtifactError
 from golfquant.pack import LAYOUTS, packed_length
-from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, qmax
+from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, SalientColumns, qmax
 
 CASE_SECONDS = 2.0  # a 1-3 KB artifact reads in milliseconds; anything near this is a hang
 MEMORY_HEADROOM = 768 << 20  # address space the reader may add on top of the test process's
@@ -494,3 +494,75 @@ def test_lqer_huge_group_dequantizes_cheaply(corpus):
     assert torch.equal(loaded, expected.to(loaded.dtype))
     # ~2 MiB here; one float per element of the group would be 1 GiB
     assert peak < 32 << 20, f"dequantizing a {stored.codes.numel()}-element tensor peaked at {peak >> 20} MiB"
+
+
+def _salient_artifacts(folder: Path) -> tuple[bytes, bytes]:
+    """An artifact whose [4, 128] int4 tensor keeps group 1 of 64 columns at int8, and the same tensor without salient
+    groups but nonzero codes in those columns: same codes layout and section sizes, so its codes section can be
+    swapped in."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-7, 8, (4, 128), generator=g, dtype=torch.int8)
+    sal = SalientColumns((1,), 64, torch.randint(-127, 128, (4, 64), generator=g, dtype=torch.int8),
+                         torch.full((4,), 0.01).half(), 8)
+    qt = QuantizedTensor(codes.index_fill(-1, sal.columns(), 0), torch.full((4,), 0.1).half(), 4, salient=sal)
+    out = []
+    for name, value in (("good", qt), ("main", QuantizedTensor(codes, qt.scales, 4))):
+        write_artifact(folder / f"{name}.gqa", {"w": value}, None, codecs=["none"], layouts=["int8"])
+        out.append((folder / f"{name}.gqa").read_bytes())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("forge, message", [
+    (lambda s: s.update(group=0), "group"),
+    (lambda s: s.update(group=True), "group"),
+    (lambda s: s.update(group=48), "does not divide"),
+    (lambda s: s.update(groups=[]), "groups"),
+    (lambda s: s.update(groups=[1, 1]), "groups"),
+    (lambda s: s.update(groups=[2]), "groups"),  # 128 columns hold groups 0 and 1
+    (lambda s: s.update(groups=[-1]), "groups"),
+    (lambda s: s.update(groups=[1.0]), "groups"),
+    (lambda s: s.update(groups=[0, 1]), "raw_length"),  # twice the columns the codes section holds
+    (lambda s: s.update(bits=4), "not above"),
+    (lambda s: s.update(bits=9), "outside"),
+    (lambda s: s.update(codes=s["scales"]["section"]), "codes section"),
+    (lambda s: s["scales"].update(offset=10**6), "exceed"),
+    (lambda s: s.update(extra=1), "keys"),
+    (lambda s: s.pop("scales"), "keys"),
+])
+def test_forged_salient_layouts_are_refused(tmp_path, forge, message):
+    good, _ = _salient_artifacts(tmp_path)
+    codec, manifest, blobs = split(good)
+    forge(manifest["tensors"][0]["salient"])
+    path = tmp_path / "forged.gqa"
+    path.write_bytes(seal(manifest, blobs, codec))
+    with pytest.raises(ArtifactError, match=message):
+        read_artifact(path)
+
+
+def test_salient_entry_is_an_object_on_quantized_tensors_only(tmp_path):
+    good, _ = _salient_artifacts(tmp_path)
+    codec, manifest, blobs = split(good)
+    manifest["tensors"][0]["salient"] = None  # "no salient groups" is the absent key: one meaning per artifact
+    (tmp_path / "null.gqa").write_bytes(seal(manifest, blobs, codec))
+    with pytest.raises(ArtifactError, match="expected an object"):
+        read_artifact(tmp_path / "null.gqa")
+    write_artifact(tmp_path / "float.gqa", {"f": torch.ones(3)}, None)
+    codec, manifest, blobs = split((tmp_path / "float.gqa").read_bytes())
+    manifest["tensors"][0]["salient"] = {}
+    (tmp_path / "float-forged.gqa").write_bytes(seal(manifest, blobs, codec))
+    with pytest.raises(ArtifactError, match="keys"):
+        read_artifact(tmp_path / "float-forged.gqa")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nonzero_main_codes_in_salient_columns_are_refused(tmp_path, packed):
+    good, main = _salient_artifacts(tmp_path)
+    codec, manifest, blobs = split(good)
+    _, main_manifest, main_blobs = split(main)
+    index = manifest["tensors"][0]["codes"]
+    blobs[index] = main_blobs[main_manifest["tensors"][0]["codes"]]
+    path = tmp_path / "two-meanings.gqa"
+    path.write_bytes(seal(manifest, blobs, codec))
+    assert read_artifact(tmp_path / "good.gqa", packed=packed).tensors["w"] is not None
+    with pytest.raises(ArtifactError, match="salient columns"):
+        read_artifact(path, packed=packed)

@@ -23,7 +23,10 @@ from golfquant.model import CastedLinear  # noqa: E402
 from golfquant.pack import pack_codes, unpack_codes  # noqa: E402
 from golfquant.quant.lqer import apply_lqer  # noqa: E402
 from golfquant.quant.qtensor import QuantizedTensor, qmax  # noqa: E402
+from golfquant.quant.clip import parse_clip  # noqa: E402
+from golfquant.quant.quantize import Quantizer  # noqa: E402
 from golfquant.quant.rtn import quantize_rtn  # noqa: E402
+from golfquant.quant.salient import SalientOptions  # noqa: E402
 from kernels import (KernelConfig, PackedWeight, QuantLinear, dequant_matmul, dequant_matmul_reference,  # noqa: E402
                      dequantize_packed, dequantize_reference, swap_linears, unpack_reference)
 
@@ -141,6 +144,38 @@ def test_lqer_weights_are_bit_identical_on_every_path(tmp_path):
     for name, got in paths.items():
         assert got.dtype == torch.float32, name
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_salient_weights_are_bit_identical_on_every_path(tmp_path, dtype):
+    # A mixed-width weight: int4 with one group of 32 input columns at int8 (and LQER over the mixed tensor). The
+    # packed path dequantizes the salient sub-matrix through the same kernel and writes its columns in.
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 128, generator=g) * 0.02
+    x = torch.randn(512, 128, generator=g)
+    x[:, 64:96] *= 10
+    qt, _ = Quantizer()(w, 4, parse_clip("sdclip:8"), None, x.T @ x, salient=SalientOptions(1, 32, 8))
+    assert qt.salient.groups == (2,)
+    path = tmp_path / "salient.gqa"
+    write_artifact(path, {"fc.weight": apply_lqer(qt, w), "plain.weight": qt}, None)
+    namespace = {}
+    exec(compile(loader_source(), "<exported>", "exec"), namespace)
+    exported = namespace["load_artifact"](path)
+    for name, value in read_artifact(path, packed=True).tensors.items():
+        assert isinstance(value, PackedWeight) and value.salient is not None
+        want = load_artifact(path, dtype=dtype)[name]
+        paths = {"exported loader": exported[name].to(dtype),
+                 "triton": value.dequantize(dtype, backend="triton"),
+                 "torch reference": value.dequantize(dtype, backend="torch"),
+                 "QuantLinear": QuantLinear(value, backend="triton").dequantized_weight(dtype),
+                 "QuantLinear torch": QuantLinear(value, backend="torch").dequantized_weight(dtype)}
+        for got in paths.values():
+            assert_same_bits(got, want)
+        layer = QuantLinear(value, backend="triton")
+        if dtype == torch.float32:  # few rows, but salient groups: dequantized and F.linear, not the fused kernel
+            inp = torch.randn(3, 128, generator=g)
+            assert torch.equal(layer(inp), torch.nn.functional.linear(inp, want))
+        assert torch.equal(layer.to(torch.bfloat16).packed_weight.salient[1].scales, value.salient[1].scales)
 
 
 def matmul_bound(x, w, dtype):
