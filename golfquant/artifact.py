@@ -2,7 +2,8 @@
 
 Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
 section of fp16 scales, one shared section of passthrough tensors per element size, per-factor code sections for
-LQER, and one code section for a tensor's salient column groups. The reader validates everything against the file size before allocating, since artifacts come from strangers.
+LQER, and one code section for a tensor's salient column groups. The reader validates everything against the file
+size before allocating, since artifacts come from strangers.
 
 Writer, validating reader and size report share one module on purpose: they are three readings of one format, and
 keeping them side by side is what keeps a field the writer emits from going unchecked by the reader.
@@ -568,7 +569,8 @@ def _validate_salient(sal: Any, sections: list, shape: tuple[int, ...], bits: in
     if shape[-1] % group:
         raise _bad(f"{where}.group", f"{group} does not divide the {shape[-1]} input columns")
     if not _groups_ok(_get(sal, "groups", where, list), shape[-1] // group):
-        raise _bad(f"{where}.groups", f"must be a non-empty, strictly ascending list of ints in [0, {shape[-1] // group})")
+        raise _bad(f"{where}.groups",
+                   f"must be a non-empty, strictly ascending list of ints in [0, {shape[-1] // group})")
     sal_bits = _get_int(sal, "bits", where, MIN_BITS, MAX_BITS)
     if sal_bits <= bits:
         raise _bad(f"{where}.bits", f"{sal_bits} is not above the tensor's {bits} bits")

@@ -122,7 +122,8 @@ def size_report(artifact_path, code_bytes: int = 0, budget: int = CAP_BYTES, ent
         tensors.append(TensorBytes(
             name=t.name, role=t.role, shape=t.shape, scheme=t.scheme, bits=t.bits, elements=t.numel, raw_bytes=raw,
             compressed_bytes=t.total, codes_bytes=t.codes_bytes, scales_bytes=t.scales_bytes,
-            lqer_bytes=t.lqer_bytes, salient_bytes=t.salient_bytes, bits_per_weight=t.bits_per_weight, codec=t.codec, layout=t.layout,
+            lqer_bytes=t.lqer_bytes, salient_bytes=t.salient_bytes, bits_per_weight=t.bits_per_weight, codec=t.codec,
+            layout=t.layout,
             entropy=codes_entropy))
     total = info.total_bytes + code_bytes
     entropy_total = sum(b.order0 for b in bounds.values()) if entropy else None

@@ -21,9 +21,9 @@ from golfquant.artifact import load_artifact, read_artifact, write_artifact  # n
 from golfquant.export import loader_source  # noqa: E402
 from golfquant.model import CastedLinear  # noqa: E402
 from golfquant.pack import pack_codes, unpack_codes  # noqa: E402
+from golfquant.quant.clip import parse_clip  # noqa: E402
 from golfquant.quant.lqer import apply_lqer  # noqa: E402
 from golfquant.quant.qtensor import QuantizedTensor, qmax  # noqa: E402
-from golfquant.quant.clip import parse_clip  # noqa: E402
 from golfquant.quant.quantize import Quantizer  # noqa: E402
 from golfquant.quant.rtn import quantize_rtn  # noqa: E402
 from golfquant.quant.salient import SalientOptions  # noqa: E402
