@@ -2,7 +2,9 @@
 
 Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
 section of fp16 scales, one shared section of passthrough tensors per element size, and per-factor code sections for
-LQER. The reader validates everything against the file size before allocating, since artifacts come from strangers.
+LQER. A tensor quantized in a rotated basis records its rotation in its manifest entry (no section: the rotation is
+two integers). The reader validates everything against the file size before allocating, since artifacts come from
+strangers.
 
 Writer, validating reader and size report share one module on purpose: they are three readings of one format, and
 keeping them side by side is what keeps a field the writer emits from going unchecked by the reader.
@@ -28,8 +30,10 @@ from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
 from golfquant.plan import (DTYPES, cast_to_scheme, scheme_of_dtype, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, dtype_name, role_of,
                             scheme_bits)
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, lqer_b_scale_count, qmax
+from golfquant.quant.qtensor import (MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, Rotation, lqer_b_scale_count,
+                                     qmax)
 from kernels import PackedWeight
+from kernels.dequant import check_rotation
 
 MAGIC = b"GQA1"
 VERSION = 1
@@ -42,6 +46,8 @@ MAX_RAW_BYTES = 1 << 30  # sum of all decoded section lengths
 MAX_NUMEL = 1 << 28  # sum of all tensor (and LQER factor) element counts
 MAX_NDIM = 8
 MAX_CODEC_NAME = 32
+ROTATIONS = ("hadamard",)  # kinds of "rotate"; its seed is in [0, MAX_SEED]
+MAX_SEED = 2**31 - 1
 
 BYTE_LAYOUTS = ("bytes", "shuffle2", "shuffle4", "shuffle8")
 SECTION_KINDS = ("codes", "scales", "data")
@@ -74,6 +80,7 @@ class TensorSize:
     scales_bytes: int = 0
     data_bytes: int = 0
     lqer_bytes: int = 0
+    rotation: Rotation | None = None  # costs no section bytes
 
     @property
     def numel(self) -> int:
@@ -252,6 +259,14 @@ def _check_lqer(name: str, lqer: LowRankFactors, shape: list[int]) -> None:
         raise ValueError(f"LQER factors of '{name}' do not fit its shape {shape} (see LowRankFactors)")
 
 
+def _rotation_entry(name: str, rotation: Rotation, shape: list[int]) -> dict:
+    try:
+        check_rotation(rotation, shape)
+    except ValueError as e:
+        raise ValueError(f"tensor '{name}': {e}") from None
+    return {"kind": "hadamard", "block": rotation.block, "seed": rotation.seed}
+
+
 def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor | torch.Tensor],
                    plan: Mapping[str, TensorPlan | str] | None, meta: Mapping[str, Any] | None = None,
                    codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None,
@@ -318,6 +333,8 @@ def encode_artifact(tensors: Mapping[str, QuantizedTensor | torch.Tensor], plan:
                                  "a_codes": add_codes(f"lqer.a:{name}", lq.a_codes, lq.a_bits),
                                  "b_codes": add_codes(f"lqer.b:{name}", lq.b_codes, lq.b_bits),
                                  "a_scale": add_scales(lq.a_scale), "b_scales": add_scales(lq.b_scales)}
+            if value.rotation is not None:  # absent when none: artifacts without rotations keep their bytes
+                entry["rotate"] = _rotation_entry(name, value.rotation, entry["shape"])
         else:
             stored = cast_to_scheme(value, entry["scheme"])
             size = stored.element_size()
@@ -448,6 +465,7 @@ def _check_keys(obj: dict, keys: set[str], where: str) -> None:
 _SECTION_KEYS = {"kind", "name", "offset", "length", "raw_length", "codec", "layout", "crc32"}
 _TENSOR_KEYS = {"name", "shape", "dtype", "role", "scheme", "bits", "kind"}
 _LQER_KEYS = {"rank", "group", "a_bits", "b_bits", "a_codes", "b_codes", "a_scale", "b_scales"}
+_ROTATE_KEYS = {"kind", "block", "seed"}
 
 
 def _validate_section(s: Any, where: str, offset: int) -> int:
@@ -524,6 +542,17 @@ def _validate_lqer(lq: Any, sections: list, shape: tuple[int, ...], where: str) 
     return math.prod(a_shape) + math.prod(b_shape)
 
 
+def _validate_rotation(r: Any, shape: tuple[int, ...], where: str) -> None:
+    _get(r, "kind", where, str)
+    _check_keys(r, _ROTATE_KEYS, where)
+    _get_choice(r, "kind", where, ROTATIONS)
+    cols = shape[-1]
+    block = _get_int(r, "block", where, 2, cols)
+    if block & (block - 1) or cols % block:
+        raise _bad(f"{where}.block", f"{block} is not a power of two dividing the last dim {cols}")
+    _get_int(r, "seed", where, 0, MAX_SEED)
+
+
 def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
     """Check one tensor entry and its references; return its element count (LQER factors included)."""
     name = _get(t, "name", where, str)
@@ -532,7 +561,9 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         raise _bad(where, "appears twice")
     names.add(name)
     kind = _get_choice(t, "kind", where, ("quant", "float"))
-    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} if kind == "quant" else {"data"}), where)
+    rotated = kind == "quant" and isinstance(t, dict) and "rotate" in t
+    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} | ({"rotate"} if rotated else set())
+                                   if kind == "quant" else {"data"}), where)
     shape = _shape_of(t, where)
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
@@ -548,6 +579,8 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         _check_span(sections, _get(t, "scales", where, dict), _SCALE_BYTES * math.prod(shape[:-1]), "scales",
                     f"{where}.scales")
         lq = _get(t, "lqer", where, (dict, type(None)))
+        if rotated:
+            _validate_rotation(t["rotate"], shape, f"{where}.rotate")
         return numel + (0 if lq is None else _validate_lqer(lq, sections, shape, f"{where}.lqer"))
     if t["bits"] is not None:
         raise _bad(f"{where}.bits", "must be null for a float entry")
@@ -703,10 +736,14 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
         if packed:
             data, layout = _packed_codes(region, s, shape, t["bits"], where, lambda: codes(refs["codes"], where))
             factors = None if lqer is None else (lqer.a(), lqer.b())
-            tensors[t["name"]] = PackedWeight(data, t["bits"], layout, shape, row_scales, factors)
+            tensors[t["name"]] = PackedWeight(data, t["bits"], layout, shape, row_scales, factors, _rotation(t))
         else:
-            tensors[t["name"]] = QuantizedTensor(codes(refs["codes"], where), row_scales, t["bits"], lqer)
+            tensors[t["name"]] = QuantizedTensor(codes(refs["codes"], where), row_scales, t["bits"], lqer, _rotation(t))
     return Artifact(manifest, tensors)
+
+
+def _rotation(t: dict) -> Rotation | None:
+    return Rotation(t["rotate"]["block"], t["rotate"]["seed"]) if "rotate" in t else None
 
 
 def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str,
@@ -768,7 +805,7 @@ def _size_report(path: Path | None, m: dict, header_bytes: int, manifest_bytes: 
     for t in m["tensors"]:
         own = sections[t["codes"] if t["kind"] == "quant" else t["data"]["section"]]
         rows.append(TensorSize(t["name"], t["role"], t["scheme"], t["bits"], tuple(t["shape"]), own["codec"],
-                               own["layout"]))
+                               own["layout"], rotation=_rotation(t)))
     # per section: (row index, field, raw bytes) of every part that references it
     parts: dict[int, list[tuple[int, str, int]]] = {i: [] for i in range(len(sections))}
     for i, t in enumerate(m["tensors"]):

@@ -9,10 +9,11 @@ unpickles anything from the file: the manifest is JSON, everything else is numbe
 step per lane step of each section was most of a load's time: every tensor is first parsed into a function that
 builds it, then the queued streams are decoded in one lockstep, then the functions run.
 
-The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
-codecs asked for and splices in the library functions it shares (the LQER b-scale count and A @ B, whose float
-order every dequantization path must follow); the minimal form then renames every local to a short name and
-minifies (golfquant.codepack). Most of this module's length is the loader's own source, one string.
+The loader's source is kept readable here, with one block per codec and one for the Hadamard rotation.
+`loader_source` splices in the library functions it shares (the LQER b-scale count and A @ B, the rotation's inverse:
+float orders every dequantization path must follow), keeps the blocks of the codecs asked for (and the rotation's
+when asked for: an artifact without rotations pays no loader bytes for it); the minimal form then renames every
+local to a short name and minifies (golfquant.codepack). Most of this module's length is the loader's own source, one string.
 """
 from __future__ import annotations
 
@@ -27,17 +28,18 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from golfquant.codepack import CODECS as CODE_CODECS
-from golfquant.codepack import PackedCode, minify, pack
+from golfquant.codepack import CODECS as CODE_CODECS, PackedCode, minify, pack
 from golfquant.errors import OptionError
 from golfquant.quant.qtensor import lqer_b_scale_count
-from kernels.dequant import lowrank_reference
+from kernels.dequant import fwht, hadamard_signs, lowrank_reference, unrotate
 
-# Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted.
+# Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted (the
+# block `rotate` only when rotations are).
 LOADER_CODECS = ("none", "zlib", "zstd", "brotli", "lzma", "rans")
+_ROTATE = "rotate"
 _BLOCK_END = "# [end]"
 # Functions whose source replaces the line `# <name>` of _LOADER: one definition for the library and the loader.
-_SHARED = (lqer_b_scale_count, lowrank_reference)
+_SHARED = (lqer_b_scale_count, lowrank_reference, hadamard_signs, fwht, unrotate)
 
 # Mirrors golfquant/artifact.py (container and sections), golfquant/pack.py (code layouts), golfquant/codec/lz.py
 # (byte codecs) and golfquant/codec/rans.py (the rANS decoder, its tables rebuilt with the same float64 operations
@@ -74,6 +76,14 @@ def load_artifact(path):
     # <lqer_b_scale_count>
 
     # <lowrank_reference>
+    # [rotate]
+
+    # <hadamard_signs>
+
+    # <fwht>
+
+    # <unrotate>
+    # [end]
 
     def section(index):
         s = sections[index]
@@ -288,6 +298,10 @@ def load_artifact(path):
                 b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
                 b_full = (b().reshape(-1) * b_scales[torch.arange(rank * cols) // group]).reshape(rank, cols)
                 w = w + lowrank_reference(a() * scales(lq['a_scale'], ()), b_full)
+            # [rotate]
+            if 'rotate' in t:  # quantized as W·R: turned back (·Rᵀ) in fp32, before the one rounding
+                w = unrotate(w, t['rotate']['block'], t['rotate']['seed'])
+            # [end]
             return w.to(dtype)
         return get
 
@@ -428,25 +442,27 @@ def _rename_locals(source: str) -> str:
     return ast.unparse(tree)
 
 
-def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None) -> str:
+def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None, rotate: bool = True) -> str:
     """Python source defining `load_artifact(path) -> dict[str, torch.Tensor]` (the dequantized state_dict, original
-    dtypes) for artifacts whose sections and manifest use only `codecs` (default: every codec it knows).
+    dtypes) for artifacts whose sections and manifest use only `codecs` (default: every codec it knows), and hold
+    rotated tensors only when `rotate`.
 
     minimal: locals renamed to short names and minified (no comments); else the readable, commented source.
     Deterministic. Depends on numpy, torch, the stdlib, and zstandard / brotli only when those codecs are asked for.
     """
-    source = _splice_shared(_keep_blocks(_LOADER, _check_codecs(codecs)))
+    # spliced first, so that the shared functions of a dropped block go with it
+    source = _keep_blocks(_splice_shared(_LOADER), _check_codecs(codecs) | ({_ROTATE} if rotate else set()))
     if not minimal:
         return source
     return minify(_rename_locals(source), "<exported loader>", strip_annotations=True)
 
 
-def packed_loader(codecs: Iterable[str] | None = None) -> PackedCode:
+def packed_loader(codecs: Iterable[str] | None = None, rotate: bool = True) -> PackedCode:
     """The minimal loader as a self-extracting `exec(...decompress(...))` line (golfquant.codepack.pack), shortest
     of the wrappers whose decompressor the loader needs anyway: lzma and zlib (stdlib), brotli only when the
     artifact uses it. Its raw_bytes are those of the minimal source."""
     wanted = _check_codecs(codecs)
-    source = loader_source(True, wanted)
+    source = loader_source(True, wanted, rotate)
     families = [c for c in CODE_CODECS if c != "brotli" or "brotli" in wanted]
     return min((pack(source, c, name="<exported loader>") for c in families), key=lambda p: p.packed_bytes)
 
@@ -457,3 +473,10 @@ def artifact_codecs(path: str | os.PathLike) -> set[str]:
 
     info = artifact_sizes(path)
     return {info.manifest_codec, *(s.codec for s in info.sections)}
+
+
+def artifact_rotates(path: str | os.PathLike) -> bool:
+    """Whether an artifact holds rotated tensors: whether its loader needs the rotation's inverse."""
+    from golfquant.artifact import artifact_sizes
+
+    return any(t.rotation is not None for t in artifact_sizes(path).tensors)

@@ -9,7 +9,9 @@ Candidates of one matrix (`candidate_grid`), a set designed so that finer moves 
   grid of clip ranges that holds every setting the measured allocations of benchmarks/sensitivity.py picked;
 * the records' settings, int6 k = 12.85 (int8 k = 20 for an embedding), so that their recipe is a plan of the table;
 * LQER rank 4 (the records' factors) on top of int3 k = 4.24 and int4..int6 k = 8 (2-D matrices only).
-With a clip fixed by the user (`fixed_clip`), the widths with that clip, and fp16.
+With a clip fixed by the user (`fixed_clip`), the widths with that clip, and fp16. With `--rotate hadamard` every
+integer candidate is quantized in the rotated basis; with `--rotate auto` each gets a rotated twin, so the solver
+buys the rotation per tensor where it pays.
 
 Bytes: the order-0 entropy of the codes, the fp16 row scales, and the LQER factors' codes and scales; fp16 is two
 bytes per element. The coder lands within a few % of the entropy; the budget search prices what it picks with
@@ -31,10 +33,11 @@ from golfquant.distributed import collective, my_items
 from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor, Rotation
 from golfquant.quant.quantize import Quantizer
+from golfquant.quant.rotate import SEED
 
-VERSION = 2  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 3  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
@@ -49,30 +52,37 @@ def sdclip(k: float) -> ClipSpec:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction."""
+    """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction,
+    optionally in a Hadamard-rotated basis of `rotate` columns per block (None: not rotated)."""
 
     bits: int | None
     clip: ClipSpec | None = None
     lqer: LqerOptions | None = None
+    rotate: int | None = None
 
     @property
     def key(self) -> str:
         if self.bits is None:
             return FLOAT_SCHEME
-        return f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
+        return (f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
+                + (f" +had{self.rotate}" if self.rotate else ""))
 
     @property
     def scheme(self) -> str:
         return FLOAT_SCHEME if self.bits is None else f"int{self.bits}"
 
+    @property
+    def rotation(self) -> Rotation | None:
+        return None if self.rotate is None else Rotation(self.rotate, SEED)
+
     def to_json(self) -> dict:
         return {"bits": self.bits, "clip": None if self.clip is None else str(self.clip),
-                "lqer": None if self.lqer is None else self.lqer.rank}
+                "lqer": None if self.lqer is None else self.lqer.rank, "rotate": self.rotate}
 
     @classmethod
     def from_json(cls, d: dict) -> "Candidate":
         clip = None if d["clip"] is None else parse_clip(d["clip"])
-        return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]))
+        return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]), d["rotate"])
 
 
 def record_candidate(role: str) -> Candidate:
@@ -81,19 +91,25 @@ def record_candidate(role: str) -> Candidate:
     return Candidate(RECORD_WIDTH[key], sdclip(record_k(key, RECORD_WIDTH[key])))
 
 
-def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None) -> list[Candidate]:
-    """The candidates of one tensor (module docstring), in a fixed order: fp16 first."""
+def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, rotate: int | None = None,
+                   twins: bool = False) -> list[Candidate]:
+    """The candidates of one tensor (module docstring), in a fixed order: fp16 first. rotate: the block of its
+    rotation, which every integer candidate gets, or with `twins` a rotated twin after the unrotated ones."""
     if fixed_clip is not None:
-        return [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
-    out = [Candidate(None)]
-    for bits in range(MIN_BITS, MAX_BITS + 1):
-        out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
-    record = record_candidate(role)
-    if record not in out:
-        out.append(record)
-    if ndim == 2:
-        out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
-    return out
+        out = [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
+    else:
+        out = [Candidate(None)]
+        for bits in range(MIN_BITS, MAX_BITS + 1):
+            out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
+        record = record_candidate(role)
+        if record not in out:
+            out.append(record)
+        if ndim == 2:
+            out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
+    if rotate is None:
+        return out
+    rotated = [dataclasses.replace(c, rotate=rotate) for c in out if c.bits is not None]
+    return out + rotated if twins else out[:1] + rotated
 
 
 @dataclass
@@ -110,7 +126,8 @@ def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | 
     """The value the artifact holds for w under `cand`: a QuantizedTensor, or the fp16 tensor."""
     if cand.bits is None:
         return cast_to_scheme(w, FLOAT_SCHEME)
-    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False)[0]
+    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False,
+                     rotation=cand.rotation)[0]
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
@@ -171,7 +188,8 @@ def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Can
             hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer, damage: Damage, key: str,
             info: MeasurementInfo, progress: Callable[[int, int], None] | None = None) -> Measurement:
     """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
-    Candidates that differ only by an LQER correction share the codes of their base."""
+    Candidates that differ only by an LQER correction share the codes of their base, and those of one rotation
+    the GPTQ factorisation of their Hessian."""
     start = time.perf_counter()
     names = list(grids)
 
@@ -194,15 +212,17 @@ def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str,
     for name, grid in grids.items():
         w = state_dict[name].float()
         h = hessians.get(name)
-        prepared = quantizer.prepare(h) if any(c.bits is not None for c in grid) else None
+        prepared = {}  # rotation -> the GPTQ factorisation of the Hessian in its basis
         base: dict[Candidate, QuantizedTensor] = {}
         rows = []
         for cand in grid:
-            plain = Candidate(cand.bits, cand.clip)
+            plain = dataclasses.replace(cand, lqer=None)
             if cand.lqer is not None and plain in base:
                 value = _with_lqer(base[plain], w, cand.lqer, h)
             else:
-                value = stored(w, cand, roles[name], h, quantizer, prepared)
+                if cand.bits is not None and cand.rotation not in prepared:
+                    prepared[cand.rotation] = quantizer.prepare(h, cand.rotation)
+                value = stored(w, cand, roles[name], h, quantizer, prepared.get(cand.rotation))
                 if cand.lqer is None and cand.bits is not None:
                     base[cand] = value
             rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value))))

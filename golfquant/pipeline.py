@@ -17,11 +17,12 @@ from golfquant.calib import (Hessian, calibration_hessians, calibration_tokens, 
 from golfquant.checkpoint import Checkpoint
 from golfquant.distributed import collective, my_items, resolve_device
 from golfquant.factory import build_model
+from golfquant.options import QuantizeOptions
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
-from golfquant.options import QuantizeOptions
 from golfquant.quant.clip import ClipSpec, hessian_weighted_error
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
+from golfquant.quant.qtensor import Rotation
 
 
 @dataclass
@@ -74,6 +75,9 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
     sd = ckpt.state_dict
     plan = make_plan(sd, opts.plan)
     meta: dict = {"method": opts.method, "clip": str(spec)}
+    rotations = {n: opts.rotation_for(n, tp.shape) for n, tp in plan.items() if tp.bits is not None}  # refused early
+    if any(rotations.values()):
+        meta["rotate"] = opts.rotate
     calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration, model)
     hessians = calibration.hessians
     todo = [n for n, tp in plan.items() if tp.bits is not None and n not in calibration.quantized]
@@ -83,7 +87,8 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
         mine = my_items(todo, [sd[n].numel() for n in todo])
         done = {}
         for i, name in enumerate(mine, 1):
-            done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, hessian_of(hessians, name), opts)
+            done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, hessian_of(hessians, name), opts,
+                                         rotation=rotations[name])
             if progress is not None:
                 progress("quantize", i, len(mine))
         return done
@@ -121,11 +126,12 @@ def hessian_of(hessians: dict[str, Hessian], name: str) -> torch.Tensor | None:
 
 
 def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, h: torch.Tensor | None,
-                    opts: QuantizeOptions, lqer: LqerOptions | None = None) -> tuple[QuantizedTensor, TensorReport]:
-    """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), and its
-    report row."""
+                    opts: QuantizeOptions, lqer: LqerOptions | None = None, rotation: Rotation | None = None
+                    ) -> tuple[QuantizedTensor, TensorReport]:
+    """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), optionally
+    in a rotated basis, and its report row."""
     start = time.perf_counter()
-    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer)
+    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, rotation=rotation)
     report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "rtn", 0.0)
     if stats is not None:
         ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0
@@ -176,7 +182,8 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
         tp = plan.get(name)
         if tp is None or tp.bits is None:
             return weight
-        quantized[name] = quantize_tensor(ckpt.state_dict[name], tp, tp.bits, spec, hessian.H, opts)
+        quantized[name] = quantize_tensor(ckpt.state_dict[name], tp, tp.bits, spec, hessian.H, opts,
+                                          rotation=opts.rotation_for(name, tp.shape))
         return quantized[name][0].dequantize(weight.dtype)
 
     hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=resolve_batch(model, opts.calib),

@@ -7,7 +7,7 @@ import click
 
 from golfquant.atomic import atomic_write_text
 from golfquant.errors import OptionError
-from golfquant.export import LOADER_CODECS, artifact_codecs, loader_source, packed_loader
+from golfquant.export import LOADER_CODECS, artifact_codecs, artifact_rotates, loader_source, packed_loader
 from golfquant_cli.options import json_option
 from golfquant_cli.render import console, emit_json, fmt_bytes, table
 
@@ -27,10 +27,11 @@ def export_loader(artifact: Path | None, out: Path | None, packed: bool, readabl
     if packed and readable:
         raise OptionError("--packed and --readable exclude each other: the packed form is built from the minified one")
     codecs = artifact_codecs(artifact) if artifact is not None else set(LOADER_CODECS)
-    minimal = loader_source(True, codecs)
-    wrapped = packed_loader(codecs)
-    text = wrapped.text if packed else loader_source(False, codecs) if readable else minimal
-    sizes = {"raw_bytes": len(loader_source(False, codecs).encode("utf-8")),
+    rotate = artifact is None or artifact_rotates(artifact)
+    minimal = loader_source(True, codecs, rotate)
+    wrapped = packed_loader(codecs, rotate)
+    text = wrapped.text if packed else loader_source(False, codecs, rotate) if readable else minimal
+    sizes = {"raw_bytes": len(loader_source(False, codecs, rotate).encode("utf-8")),
              "minified_bytes": len(minimal.encode("utf-8")), "packed_bytes": wrapped.packed_bytes}
     if out is not None:
         atomic_write_text(out, text)

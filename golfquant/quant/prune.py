@@ -14,6 +14,7 @@ confirms by encoding and calls again with the target moved by the real size's ex
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -88,7 +89,7 @@ def _apply(tensors: Mapping[str, QuantizedTensor], order: _Order, n: int) -> dic
         qt = tensors[name]
         codes = qt.codes.clone()
         codes.view(-1)[torch.from_numpy(picked)] = 0
-        out[name] = QuantizedTensor(codes, qt.scales, qt.bits, qt.lqer)
+        out[name] = dataclasses.replace(qt, codes=codes)
     return out
 
 

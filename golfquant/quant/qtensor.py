@@ -3,7 +3,8 @@
 Codes are symmetric integers in [-qmax(bits), qmax(bits)] held in int8; scales are fp16, one per output row
 (shape codes.shape[:-1]). Dequantization is one fp32 product, plus for LQER the fp32 sum of A @ B's rank-1 terms
 in order (kernels.lowrank_reference, the order the Triton kernel and the exported loader use too), rounded once to
-the output dtype, so every path agrees bit for bit.
+the output dtype, so every path agrees bit for bit. A tensor quantized in a rotated basis (`rotation`, see
+golfquant.quant.rotate) is turned back last, after LQER (fitted in that basis), by kernels.unrotate in fp32.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dequant import MAX_BITS, MIN_BITS, lowrank_reference  # the widths and LQER sum the kernels decode
+from kernels.dequant import MAX_BITS, MIN_BITS, Rotation, lowrank_reference, unrotate  # as the kernels decode
 
 
 def qmax(bits: int) -> int:
@@ -65,6 +66,7 @@ class QuantizedTensor:
     scales: torch.Tensor  # fp16, codes.shape[:-1]
     bits: int
     lqer: LowRankFactors | None = None
+    rotation: Rotation | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.int8:
@@ -83,10 +85,12 @@ class QuantizedTensor:
         if lqer is not None:
             lqer = dataclasses.replace(lqer, a_codes=lqer.a_codes.to(device), a_scale=lqer.a_scale.to(device),
                                        b_codes=lqer.b_codes.to(device), b_scales=lqer.b_scales.to(device))
-        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer)
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer, self.rotation)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)
         if self.lqer is not None:
             w = w + self.lqer.product()
+        if self.rotation is not None:
+            w = unrotate(w, *self.rotation)
         return w.to(dtype)
