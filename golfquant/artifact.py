@@ -2,8 +2,9 @@
 
 Sections: one per quantized tensor's codes (layout and codec chosen per tensor by trying every candidate), one shared
 section of fp16 scales, one shared section of passthrough tensors per element size, per-factor code sections for
-LQER, and one code section for a tensor's salient column groups. The reader validates everything against the file
-size before allocating, since artifacts come from strangers.
+LQER, and one code section for a tensor's salient column groups. A tensor quantized in a rotated basis records its
+rotation in its manifest entry (no section: the rotation is two integers). The reader validates everything against
+the file size before allocating, since artifacts come from strangers.
 
 Writer, validating reader and size report share one module on purpose: they are three readings of one format, and
 keeping them side by side is what keeps a field the writer emits from going unchecked by the reader.
@@ -29,9 +30,10 @@ from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import LAYOUTS, layouts_for, packed_length, unpack_codes
 from golfquant.plan import (DTYPES, FLOAT_SCHEMES, INT_SCHEMES, ROLES, SCHEMES, TensorPlan, cast_to_scheme, dtype_name,
                             role_of, scheme_bits, scheme_of_dtype)
-from golfquant.quant.qtensor import (MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, SalientColumns,
+from golfquant.quant.qtensor import (MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor, Rotation, SalientColumns,
                                      lqer_b_scale_count, qmax)
 from kernels import PackedWeight
+from kernels.dequant import check_rotation
 
 MAGIC = b"GQA1"
 VERSION = 1
@@ -44,6 +46,8 @@ MAX_RAW_BYTES = 1 << 30  # sum of all decoded section lengths
 MAX_NUMEL = 1 << 28  # sum of all tensor (and LQER factor) element counts
 MAX_NDIM = 8
 MAX_CODEC_NAME = 32
+ROTATIONS = ("hadamard",)  # kinds of "rotate"; its seed is in [0, MAX_SEED]
+MAX_SEED = 2**31 - 1
 
 BYTE_LAYOUTS = ("bytes", "shuffle2", "shuffle4", "shuffle8")
 SECTION_KINDS = ("codes", "scales", "data")
@@ -77,6 +81,7 @@ class TensorSize:
     data_bytes: int = 0
     lqer_bytes: int = 0
     salient_bytes: int = 0  # the salient groups' codes and row scales
+    rotation: Rotation | None = None  # costs no section bytes
 
     @property
     def numel(self) -> int:
@@ -274,6 +279,14 @@ def _check_salient(name: str, qt: QuantizedTensor, shape: list[int]) -> None:
         raise ValueError(f"'{name}' has nonzero main codes in its salient columns (they must hold 0)")
 
 
+def _rotation_entry(name: str, rotation: Rotation, shape: list[int]) -> dict:
+    try:
+        check_rotation(rotation, shape)
+    except ValueError as e:
+        raise ValueError(f"tensor '{name}': {e}") from None
+    return {"kind": "hadamard", "block": rotation.block, "seed": rotation.seed}
+
+
 def write_artifact(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor | torch.Tensor],
                    plan: Mapping[str, TensorPlan | str] | None, meta: Mapping[str, Any] | None = None,
                    codecs: Iterable[str] | None = None, layouts: Iterable[str] | None = None,
@@ -346,6 +359,8 @@ def encode_artifact(tensors: Mapping[str, QuantizedTensor | torch.Tensor], plan:
                 entry["salient"] = {"group": sal.group, "groups": list(sal.groups), "bits": sal.bits,
                                     "codes": add_codes(f"salient:{name}", sal.codes, sal.bits),
                                     "scales": add_scales(sal.scales)}
+            if value.rotation is not None:  # absent when none: artifacts without rotations keep their bytes
+                entry["rotate"] = _rotation_entry(name, value.rotation, entry["shape"])
         else:
             stored = cast_to_scheme(value, entry["scheme"])
             size = stored.element_size()
@@ -478,6 +493,7 @@ _SECTION_KEYS = {"kind", "name", "offset", "length", "raw_length", "codec", "lay
 _TENSOR_KEYS = {"name", "shape", "dtype", "role", "scheme", "bits", "kind"}
 _LQER_KEYS = {"rank", "group", "a_bits", "b_bits", "a_codes", "b_codes", "a_scale", "b_scales"}
 _SALIENT_KEYS = {"group", "groups", "bits", "codes", "scales"}
+_ROTATE_KEYS = {"kind", "block", "seed"}
 
 
 def _validate_section(s: Any, where: str, offset: int) -> int:
@@ -580,6 +596,17 @@ def _validate_salient(sal: Any, sections: list, shape: tuple[int, ...], bits: in
     return math.prod(_salient_shape(shape, sal))
 
 
+def _validate_rotation(r: Any, shape: tuple[int, ...], where: str) -> None:
+    _get(r, "kind", where, str)
+    _check_keys(r, _ROTATE_KEYS, where)
+    _get_choice(r, "kind", where, ROTATIONS)
+    cols = shape[-1]
+    block = _get_int(r, "block", where, 2, cols)
+    if block & (block - 1) or cols % block:
+        raise _bad(f"{where}.block", f"{block} is not a power of two dividing the last dim {cols}")
+    _get_int(r, "seed", where, 0, MAX_SEED)
+
+
 def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
     """Check one tensor entry and its references; return its element count (LQER factors included)."""
     name = _get(t, "name", where, str)
@@ -588,7 +615,8 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         raise _bad(where, "appears twice")
     names.add(name)
     kind = _get_choice(t, "kind", where, ("quant", "float"))
-    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} | ({"salient"} & set(t)) if kind == "quant"
+    # the optional keys only when present: artifacts without them keep their bytes, and null is refused
+    _check_keys(t, _TENSOR_KEYS | ({"codes", "scales", "lqer"} | ({"salient", "rotate"} & set(t)) if kind == "quant"
                                    else {"data"}), where)
     shape = _shape_of(t, where)
     numel = math.prod(shape)
@@ -607,6 +635,8 @@ def _validate_tensor(t: Any, sections: list, where: str, names: set) -> int:
         lq = _get(t, "lqer", where, (dict, type(None)))
         if "salient" in t:
             numel += _validate_salient(t["salient"], sections, shape, bits, f"{where}.salient")
+        if "rotate" in t:
+            _validate_rotation(t["rotate"], shape, f"{where}.rotate")
         return numel + (0 if lq is None else _validate_lqer(lq, sections, shape, f"{where}.lqer"))
     if t["bits"] is not None:
         raise _bad(f"{where}.bits", "must be null for a float entry")
@@ -775,14 +805,18 @@ def read_artifact(path: str | os.PathLike, packed: bool = False) -> Artifact:
                 sdata, slayout, _ = _packed_codes(region, sections[refs["salient"][0]], refs["salient"][1], sal.bits,
                                                   where, lambda: sal.codes)
                 packed_sal = (sal.columns(), PackedWeight(sdata, sal.bits, slayout, refs["salient"][1], sal.scales))
-            value = PackedWeight(data, t["bits"], layout, shape, row_scales, factors, packed_sal)
+            value = PackedWeight(data, t["bits"], layout, shape, row_scales, factors, packed_sal, _rotation(t))
         else:
             main = codes(refs["codes"], where)
-            value = QuantizedTensor(main, row_scales, t["bits"], lqer, sal)
+            value = QuantizedTensor(main, row_scales, t["bits"], lqer, sal, _rotation(t))
         if sal is not None and bool(main[..., sal.columns()].any()):
             raise ArtifactError(f"{where}: nonzero main codes in the salient columns (they must hold 0)")
         tensors[t["name"]] = value
     return Artifact(manifest, tensors)
+
+
+def _rotation(t: dict) -> Rotation | None:
+    return Rotation(t["rotate"]["block"], t["rotate"]["seed"]) if "rotate" in t else None
 
 
 def _packed_codes(region: memoryview, s: dict, shape: tuple[int, ...], bits: int, where: str,
@@ -845,7 +879,7 @@ def _size_report(path: Path | None, m: dict, header_bytes: int, manifest_bytes: 
     for t in m["tensors"]:
         own = sections[t["codes"] if t["kind"] == "quant" else t["data"]["section"]]
         rows.append(TensorSize(t["name"], t["role"], t["scheme"], t["bits"], tuple(t["shape"]), own["codec"],
-                               own["layout"]))
+                               own["layout"], rotation=_rotation(t)))
     # per section: (row index, field, raw bytes) of every part that references it
     parts: dict[int, list[tuple[int, str, int]]] = {i: [] for i in range(len(sections))}
     for i, t in enumerate(m["tensors"]):

@@ -17,7 +17,9 @@ Measure, solve, confirm, fit (ExLlamaV2's measure -> optimize, plus a check of t
    and float tensors compress), the chosen plan is solved again for the corrected room; pruning ±1 codes is the
    last resort. The caller writes the file, once.
 
-With `prune_to_budget` the plan's own widths are kept and only pruning fits it.
+With `prune_to_budget` the plan's own widths are kept and only pruning fits it. With `--rotate hadamard` every
+integer candidate (and every fixed tensor) is rotated; with `--rotate auto` the free tensors' candidates come in
+pairs, plain and rotated (golfquant.measure), and the fixed tensors are not rotated.
 
 One module, one state (`_Run`): every step reads and extends the same memo of quantized values and their exact
 prices, so that each candidate is quantized and priced once whichever plan asks for it.
@@ -52,6 +54,7 @@ from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
+from golfquant.quant.rotate import rotate_hessian, rotation_for
 from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
 BUDGET_TOLERANCE = 0.005  # the artifact lands in [(1 - this)·B, B] when the candidates' steps allow it
@@ -146,6 +149,9 @@ class _Run:
         self.free = [] if opts.prune_to_budget else [
             n for n in quantized if self.plan[n].role not in opts.fixed_roles and not any(p.search(n) for p in rules)]
         self.fixed = [n for n in quantized if n not in self.free]
+        # the rotation of each quantized tensor's rotated candidates (under `auto`: of its twins)
+        rotate = "hadamard" if opts.rotate == "auto" else opts.rotate
+        self.rotation = {n: rotation_for(rotate, n, self.sd[n].shape[-1]) for n in quantized}
         self.calibration: Calibration | None = None
         self.measurement: Measurement | None = None
         self._model = model
@@ -208,7 +214,9 @@ class _Run:
         fixed_clip = self.spec if self.opts.fixed_clip else None
         hessians = self.calibration.hessians
         return {n: candidate_grid(self.plan[n].role, self.sd[n].dim(), fixed_clip,
-                                  salient_fits(self.sd[n], hessian_of(hessians, n))) for n in self.free}
+                                  salient_fits(self.sd[n], hessian_of(hessians, n)),
+                                  self.rotation[n] and self.rotation[n].block, self.opts.rotate == "auto")
+                for n in self.free}
 
     def measure(self, cache: Path | None) -> Measurement:
         grids = self.grids()
@@ -256,7 +264,7 @@ class _Run:
             else:
                 h = hessian_of(self.calibration.hessians, name)
                 self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer,
-                                                   cand.salient)
+                                                   cand.salient, cand.rotation)
         return self.values[key][0]
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:
@@ -300,11 +308,11 @@ class _Run:
         index = {n: {m.candidate: i for i, m in enumerate(ms)} for n, ms in self.measurement.tensors.items()}
         if family == "records":
             starts = [{n: ix[Candidate(None) if self.sd[n].numel() <= RECORD_FLOAT_MAX_NUMEL
-                              else record_candidate(self.plan[n].role)] for n, ix in index.items()}]
+                              else self.as_planned(n, record_candidate(self.plan[n].role))] for n, ix in index.items()}]
         else:
             bits = int(family.removeprefix("uniform int"))
             clips = [self.spec] if self.opts.fixed_clip else [sdclip(k) for k in WIDE_K]
-            starts = [{n: ix[Candidate(bits, c)] for n, ix in index.items()} for c in clips]
+            starts = [{n: ix[self.as_planned(n, Candidate(bits, c))] for n, ix in index.items()} for c in clips]
         fits = [s for s in starts if total_bytes(table, s) <= room]
         return fill(table, min(fits, key=lambda s: total_damage(table, s)), room) if fits else None
 
@@ -324,6 +332,15 @@ class _Run:
 
     def _cand(self, name: str, i: int) -> Candidate:
         return self.measurement.tensors[name][i].candidate
+
+    def as_planned(self, name: str, cand: Candidate) -> Candidate:
+        """An integer candidate as the plans without choice store it: rotated under --rotate hadamard (under auto
+        the records' and uniform plans stay plain, as the fixed tensors do)."""
+        rot = self.rotation.get(name)
+        return dataclasses.replace(cand, rotate=rot.block) if rot and self.opts.rotate != "auto" else cand
+
+    def fixed_candidate(self, name: str) -> Candidate:
+        return self.as_planned(name, Candidate(self.plan[name].bits, self.spec))
 
     # ------------------------------------------------------------------------------------------ the search
 
@@ -407,7 +424,7 @@ class _Run:
                 row.chosen = row.plan == self.chosen
 
     def _fixed_bytes(self) -> float:
-        return sum(self.exact_bytes(n, Candidate(self.plan[n].bits, self.spec)) for n in self.fixed)
+        return sum(self.exact_bytes(n, self.fixed_candidate(n)) for n in self.fixed)
 
     def _overhead_guess(self) -> float:
         floats = sum(self.sd[n].numel() * cast_to_scheme(self.sd[n][:0], tp.scheme).element_size()
@@ -431,7 +448,7 @@ class _Run:
                 tensors[name] = self.value(name, cand)
                 plan[name] = dataclasses.replace(tp, scheme=cand.scheme, bits=cand.bits)
             elif tp.bits is not None:
-                tensors[name] = self.value(name, Candidate(tp.bits, self.spec))
+                tensors[name] = self.value(name, self.fixed_candidate(name))
                 plan[name] = tp
             else:
                 tensors[name] = cast_to_scheme(self.sd[name], tp.scheme)
@@ -441,7 +458,7 @@ class _Run:
     def reports(self) -> list[TensorReport]:
         out = []
         for name, tp in self.plan.items():
-            cand = self.choice.get(name) or (Candidate(tp.bits, self.spec) if tp.bits is not None else None)
+            cand = self.choice.get(name) or (self.fixed_candidate(name) if tp.bits is not None else None)
             if cand is not None and cand.bits is not None:
                 self.value(name, cand)
                 out.append(self.values[(name, cand.key)][1])
@@ -449,7 +466,7 @@ class _Run:
 
     def meta(self) -> dict:
         meta = {"method": self.opts.method, "clip": str(self.spec), "budget": self.opts.budget,
-                "pruned_codes": self.pruned}
+                "pruned_codes": self.pruned} | ({"rotate": self.opts.rotate} if self.opts.rotate != "none" else {})
         if self.calibration is not None and self.calibration.info:
             meta["calibration"] = self.calibration.info
         if self.chosen is not None:
@@ -481,7 +498,7 @@ class _Run:
                 c = self.choice[name]
                 out.append(Allocation(name, tp.role, c.scheme, c.key, True))
             elif tp.bits is not None:
-                out.append(Allocation(name, tp.role, tp.scheme, Candidate(tp.bits, self.spec).key, False))
+                out.append(Allocation(name, tp.role, tp.scheme, self.fixed_candidate(name).key, False))
         return out
 
     def _prune(self, encoded: EncodedArtifact) -> EncodedArtifact:
@@ -492,7 +509,8 @@ class _Run:
         real = {t.name: t.codes_bytes for t in encoded.info.tensors}
         pricers = {n: ScaledEntropyPricer.fit(qt.codes.numpy(), real[n]) for n, qt in quant.items()}
         hdiag = {n: None if (h := hessian_of(self.calibration.hessians, n)) is None
-                 else torch.diagonal(h, dim1=-2, dim2=-1) for n in quant}
+                 else torch.diagonal(h if quant[n].rotation is None else rotate_hessian(h, quant[n].rotation),
+                                     dim1=-2, dim2=-1) for n in quant}  # in the basis of the codes
         means = sorted(float(d.mean()) for d in hdiag.values() if d is not None)
         h_default = means[len(means) // 2] if means else 1.0
         costs = {n: prune_costs(quant[n], hdiag[n], h_default) for n in quant}

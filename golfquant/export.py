@@ -9,10 +9,12 @@ unpickles anything from the file: the manifest is JSON, everything else is numbe
 step per lane step of each section was most of a load's time: every tensor is first parsed into a function that
 builds it, then the queued streams are decoded in one lockstep, then the functions run.
 
-The loader's source is kept readable here, with one block per codec. `loader_source` keeps the blocks of the
-codecs asked for and splices in the library functions it shares (the LQER b-scale count and A @ B, whose float
-order every dequantization path must follow); the minimal form then renames every local to a short name and
-minifies (golfquant.codepack). Most of this module's length is the loader's own source, one string.
+The loader's source is kept readable here, with one block per codec and one per optional tensor feature (salient
+column groups, the Hadamard rotation). `loader_source` splices in the library functions it shares (the LQER b-scale
+count and A @ B, the salient columns, the rotation's inverse: float orders and indexes every dequantization path
+must follow), keeps the blocks of the codecs and features asked for (an artifact without a feature pays no loader
+bytes for it); the minimal form then renames every local to a short name and minifies (golfquant.codepack). Most
+of this module's length is the loader's own source, one string.
 """
 from __future__ import annotations
 
@@ -30,16 +32,15 @@ from typing import Iterable
 from golfquant.codepack import CODECS as CODE_CODECS, PackedCode, minify, pack
 from golfquant.errors import OptionError
 from golfquant.quant.qtensor import lqer_b_scale_count, salient_columns
-from kernels.dequant import lowrank_reference
+from kernels.dequant import fwht, hadamard_signs, lowrank_reference, unrotate
 
 # Codecs the loader can decode; a block `# [name]` ... `# [end]` of _LOADER is kept only when `name` is wanted.
 LOADER_CODECS = ("none", "zlib", "zstd", "brotli", "lzma", "rans")
-# Tensor features only some artifacts use, in blocks like the codecs': salient column groups.
-LOADER_FEATURES = ("salient",)
+# Tensor features only some artifacts use, in blocks like the codecs' (named as their manifest keys).
+LOADER_FEATURES = ("rotate", "salient")
 _BLOCK_END = "# [end]"
 # Functions whose source replaces the line `# <name>` of _LOADER: one definition for the library and the loader.
-_SHARED = (lqer_b_scale_count, lowrank_reference, salient_columns)
-_SHARED_BLOCK = {"salient_columns": "salient"}  # shared functions inside a block: spliced only when it is kept
+_SHARED = (lqer_b_scale_count, lowrank_reference, salient_columns, hadamard_signs, fwht, unrotate)
 
 # Mirrors golfquant/artifact.py (container and sections), golfquant/pack.py (code layouts), golfquant/codec/lz.py
 # (byte codecs) and golfquant/codec/rans.py (the rANS decoder, its tables rebuilt with the same float64 operations
@@ -79,6 +80,14 @@ def load_artifact(path):
     # [salient]
 
     # <salient_columns>
+    # [end]
+    # [rotate]
+
+    # <hadamard_signs>
+
+    # <fwht>
+
+    # <unrotate>
     # [end]
 
     def section(index):
@@ -304,6 +313,10 @@ def load_artifact(path):
                 b_scales = scales(lq['b_scales'], (lqer_b_scale_count(rank, cols, group),))
                 b_full = (b().reshape(-1) * b_scales[torch.arange(rank * cols) // group]).reshape(rank, cols)
                 w = w + lowrank_reference(a() * scales(lq['a_scale'], ()), b_full)
+            # [rotate]
+            if 'rotate' in t:  # quantized as W·R: turned back (·Rᵀ) in fp32, before the one rounding
+                w = unrotate(w, t['rotate']['block'], t['rotate']['seed'])
+            # [end]
             return w.to(dtype)
         return get
 
@@ -326,12 +339,11 @@ def load_artifact(path):
 '''
 
 
-def _splice_shared(source: str, wanted: set[str]) -> str:
-    """The loader with each `# <name>` line replaced by the source of that _SHARED function (none for a function
-    whose block was dropped)."""
+def _splice_shared(source: str) -> str:
+    """The loader with each `# <name>` line replaced by the source of that _SHARED function."""
     for fn in _SHARED:
         marker = f"    # <{fn.__name__}>\n"
-        if source.count(marker) != (_SHARED_BLOCK.get(fn.__name__, "") in wanted | {""}):
+        if source.count(marker) != 1:
             raise RuntimeError(f"the loader template must hold the line '# <{fn.__name__}>' once")
         source = source.replace(marker, textwrap.indent(inspect.getsource(fn), "    "))
     return source
@@ -462,8 +474,8 @@ def loader_source(minimal: bool = True, codecs: Iterable[str] | None = None,
     minimal: locals renamed to short names and minified (no comments); else the readable, commented source.
     Deterministic. Depends on numpy, torch, the stdlib, and zstandard / brotli only when those codecs are asked for.
     """
-    wanted = _check_codecs(codecs) | _check_features(features)
-    source = _splice_shared(_keep_blocks(_LOADER, wanted), wanted)
+    # spliced first, so that the shared functions of a dropped block go with it
+    source = _keep_blocks(_splice_shared(_LOADER), _check_codecs(codecs) | _check_features(features))
     if not minimal:
         return source
     return minify(_rename_locals(source), "<exported loader>", strip_annotations=True)
@@ -488,7 +500,9 @@ def artifact_codecs(path: str | os.PathLike) -> set[str]:
 
 
 def artifact_features(path: str | os.PathLike) -> set[str]:
-    """The LOADER_FEATURES an artifact's tensors use: what its loader must rebuild beyond codes and scales."""
+    """The LOADER_FEATURES an artifact's tensors use (the manifest keys they are named after): what its loader must
+    rebuild beyond codes, scales and LQER."""
     from golfquant.artifact import read_manifest  # validates the whole container and manifest
 
-    return {"salient"} if any("salient" in t for t in read_manifest(path)["tensors"]) else set()
+    tensors = read_manifest(path)["tensors"]
+    return {f for f in LOADER_FEATURES if any(f in t for t in tensors)}

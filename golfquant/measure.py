@@ -13,13 +13,14 @@ Candidates of one matrix (`candidate_grid`), a set designed so that finer moves 
   records' setting and int4, int5 k = 8, for 2-D matrices with a Hessian whose columns come in whole groups
   (three candidates: where the records' widths and the budget's usual picks are).
 With a clip fixed by the user (`fixed_clip`), the widths with that clip, salient groups on int4..int6, and fp16.
+With `--rotate hadamard` every integer candidate (salient ones included) is quantized in the rotated basis; with
+`--rotate auto` each gets a rotated twin, so the solver buys the rotation per tensor where it pays.
 
 Bytes: the order-0 entropy of the codes, the fp16 row scales, the LQER factors' and salient groups' codes and
-scales; fp16 is two
-bytes per element. The coder lands within a few % of the entropy; the budget search prices what it picks with
-the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the quantizer
-actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a forward pass
-per candidate (`plan_divergence`).
+scales; fp16 is two bytes per element. The coder lands within a few % of the entropy; the budget search prices
+what it picks with the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the
+quantizer actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a
+forward pass per candidate (`plan_divergence`).
 """
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ from golfquant.distributed import collective, my_items
 from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
-from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor
+from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor, Rotation
 from golfquant.quant.quantize import Quantizer
+from golfquant.quant.rotate import SEED
 from golfquant.quant.salient import SalientOptions
 
-VERSION = 3  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 4  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
@@ -57,12 +59,14 @@ def sdclip(k: float) -> ClipSpec:
 @dataclass(frozen=True)
 class Candidate:
     """One way to store a tensor: fp16 (bits None), or intB codes at `clip`, optionally with an LQER correction
-    and salient column groups."""
+    and salient column groups, optionally in a Hadamard-rotated basis of `rotate` columns per block (None: not
+    rotated)."""
 
     bits: int | None
     clip: ClipSpec | None = None
     lqer: LqerOptions | None = None
     salient: SalientOptions | None = None
+    rotate: int | None = None
 
     @property
     def key(self) -> str:
@@ -70,23 +74,28 @@ class Candidate:
             return FLOAT_SCHEME
         sal = self.salient
         return (f"int{self.bits} {self.clip}" + (f" +lqer{self.lqer.rank}" if self.lqer else "")
-                + (f" +salient{sal.top}x{sal.group}@int{sal.bits}" if sal else ""))
+                + (f" +salient{sal.top}x{sal.group}@int{sal.bits}" if sal else "")
+                + (f" +had{self.rotate}" if self.rotate else ""))
 
     @property
     def scheme(self) -> str:
         return FLOAT_SCHEME if self.bits is None else f"int{self.bits}"
 
+    @property
+    def rotation(self) -> Rotation | None:
+        return None if self.rotate is None else Rotation(self.rotate, SEED)
+
     def to_json(self) -> dict:
         sal = self.salient
         return {"bits": self.bits, "clip": None if self.clip is None else str(self.clip),
                 "lqer": None if self.lqer is None else self.lqer.rank,
-                "salient": None if sal is None else [sal.top, sal.group, sal.bits]}
+                "salient": None if sal is None else [sal.top, sal.group, sal.bits], "rotate": self.rotate}
 
     @classmethod
     def from_json(cls, d: dict) -> "Candidate":
         clip = None if d["clip"] is None else parse_clip(d["clip"])
         return cls(d["bits"], clip, None if d["lqer"] is None else LqerOptions(rank=d["lqer"]),
-                   None if d["salient"] is None else SalientOptions(*d["salient"]))
+                   None if d["salient"] is None else SalientOptions(*d["salient"]), d["rotate"])
 
 
 def record_candidate(role: str) -> Candidate:
@@ -95,25 +104,32 @@ def record_candidate(role: str) -> Candidate:
     return Candidate(RECORD_WIDTH[key], sdclip(record_k(key, RECORD_WIDTH[key])))
 
 
-def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, salient: bool = False
-                   ) -> list[Candidate]:
+def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, salient: bool = False,
+                   rotate: int | None = None, twins: bool = False) -> list[Candidate]:
     """The candidates of one tensor (module docstring), in a fixed order: fp16 first. salient: the tensor can
-    have RECORD_SALIENT's groups (2-D, a Hessian, whole groups: salient_fits)."""
+    have RECORD_SALIENT's groups (2-D, a Hessian, whole groups: salient_fits). rotate: the block of its rotation,
+    which every integer candidate (salient ones included) gets, or with `twins` a rotated twin after the
+    unrotated ones."""
     if fixed_clip is not None:
         out = [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
-        return out + ([Candidate(b, fixed_clip, salient=RECORD_SALIENT) for b in (4, 5, 6)] if salient else [])
-    out = [Candidate(None)]
-    for bits in range(MIN_BITS, MAX_BITS + 1):
-        out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
-    record = record_candidate(role)
-    if record not in out:
-        out.append(record)
-    if ndim == 2:
-        out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
-    if salient:
-        out += [Candidate(bits, clip, salient=RECORD_SALIENT) for bits, clip in
-                [(b, sdclip(k)) for b, k in SALIENT_AT] + [(record.bits, record.clip)] if bits < RECORD_SALIENT.bits]
-    return out
+        out += [Candidate(b, fixed_clip, salient=RECORD_SALIENT) for b in (4, 5, 6)] if salient else []
+    else:
+        out = [Candidate(None)]
+        for bits in range(MIN_BITS, MAX_BITS + 1):
+            out += [Candidate(bits, sdclip(k)) for k in NARROW_K.get(bits, WIDE_K)]
+        record = record_candidate(role)
+        if record not in out:
+            out.append(record)
+        if ndim == 2:
+            out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
+        if salient:
+            out += [Candidate(bits, clip, salient=RECORD_SALIENT) for bits, clip in
+                    [(b, sdclip(k)) for b, k in SALIENT_AT] + [(record.bits, record.clip)]
+                    if bits < RECORD_SALIENT.bits]
+    if rotate is None:
+        return out
+    rotated = [dataclasses.replace(c, rotate=rotate) for c in out if c.bits is not None]
+    return out + rotated if twins else out[:1] + rotated
 
 
 def salient_fits(w: torch.Tensor, hessian: torch.Tensor | None) -> bool:
@@ -136,7 +152,7 @@ def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | 
     if cand.bits is None:
         return cast_to_scheme(w, FLOAT_SCHEME)
     return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False,
-                     salient=cand.salient)[0]
+                     salient=cand.salient, rotation=cand.rotation)[0]
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
@@ -200,7 +216,8 @@ def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Can
             hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer, damage: Damage, key: str,
             info: MeasurementInfo, progress: Callable[[int, int], None] | None = None) -> Measurement:
     """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
-    Candidates that differ only by an LQER correction share the codes of their base."""
+    Candidates that differ only by an LQER correction share the codes of their base, and those of one rotation
+    the GPTQ factorisation of their Hessian."""
     start = time.perf_counter()
     names = list(grids)
 
@@ -223,15 +240,17 @@ def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str,
     for name, grid in grids.items():
         w = state_dict[name].float()
         h = hessians.get(name)
-        prepared = quantizer.prepare(h) if any(c.bits is not None for c in grid) else None
+        prepared = {}  # rotation -> the GPTQ factorisation of the Hessian in its basis
         base: dict[Candidate, QuantizedTensor] = {}
         rows = []
         for cand in grid:
-            plain = Candidate(cand.bits, cand.clip, salient=cand.salient)
+            plain = dataclasses.replace(cand, lqer=None)
             if cand.lqer is not None and plain in base:
                 value = _with_lqer(base[plain], w, cand.lqer, h)
             else:
-                value = stored(w, cand, roles[name], h, quantizer, prepared)
+                if cand.bits is not None and cand.rotation not in prepared:
+                    prepared[cand.rotation] = quantizer.prepare(h, cand.rotation)
+                value = stored(w, cand, roles[name], h, quantizer, prepared.get(cand.rotation))
                 if cand.lqer is None and cand.bits is not None:
                     base[cand] = value
             rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value))))

@@ -14,7 +14,9 @@ from golfquant.errors import OptionError
 from golfquant.plan import PlanOptions
 from golfquant.quant.clip import ClipSpec, parse_clip
 from golfquant.quant.lqer import LqerOptions
+from golfquant.quant.qtensor import Rotation
 from golfquant.quant.quantize import HESSIAN_CLIPS, METHODS, Quantizer
+from golfquant.quant.rotate import parse_rotate, rotation_for
 from golfquant.quant.salient import SalientOptions
 
 
@@ -24,7 +26,9 @@ class QuantizeOptions:
     or a width, clip and LQER correction) by measured damage; tensors of the roles in `fixed_roles` and tensors
     matched by a plan rule keep the plan's scheme; with `fixed_clip` the clip is the given one (only widths are
     free); with `fixed_float` the float-size convention (`plan.float_max_numel`) still keeps small tensors in fp16.
-    With `prune_to_budget` the plan is kept as it is and the cheapest ±1 codes are zeroed until it fits."""
+    With `prune_to_budget` the plan is kept as it is and the cheapest ±1 codes are zeroed until it fits.
+    `rotate` (golfquant.quant.rotate): `none`, `hadamard[:BLOCK]` (every quantized tensor in a rotated basis) or,
+    with a budget, `auto` (each free tensor's integer candidates measured with and without rotation)."""
 
     plan: PlanOptions = field(default_factory=PlanOptions)
     method: str = "gptq"
@@ -46,12 +50,18 @@ class QuantizeOptions:
     exhaustive: bool = False  # compress every section with every codec x layout
     sequential: bool = False  # block i's Hessians collected with blocks 0..i-1 already quantized
     device: str = "auto"  # where calibration and GPTQ run: auto (CUDA when available), cpu, cuda, cuda:N
+    rotate: str = "none"  # none | hadamard | hadamard:BLOCK | auto
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a CUDA device on a machine without one is refused here
         if isinstance(self.clip, str):
             object.__setattr__(self, "clip", parse_clip(self.clip))
         object.__setattr__(self, "fixed_roles", tuple(self.fixed_roles))
+        kind, block = parse_rotate(self.rotate)
+        object.__setattr__(self, "rotate", kind if block is None else f"{kind}:{block}")
+        if kind == "auto" and (self.budget is None or self.prune_to_budget):
+            raise OptionError("--rotate auto lets --budget choose rotations by measurement: add --budget BYTES "
+                              "(without --prune-to-budget), or use --rotate hadamard")
         if self.method not in METHODS:
             raise OptionError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.damp < 0 or self.block_size < 1:
@@ -80,6 +90,10 @@ class QuantizeOptions:
     def needs_hessians(self) -> bool:
         return (self.method == "gptq" or self.clip.method in HESSIAN_CLIPS or self.lqer.top > 0 or self.salient.top > 0
                 or (self.budget is not None and not self.prune_to_budget))
+
+    def rotation_for(self, name: str, shape) -> Rotation | None:
+        """The rotation of a tensor the plan quantizes (None for `none`, and for the fixed tensors under `auto`)."""
+        return None if self.rotate in ("none", "auto") else rotation_for(self.rotate, name, shape[-1])
 
     @property
     def quantizer(self) -> Quantizer:

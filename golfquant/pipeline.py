@@ -22,6 +22,7 @@ from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.clip import ClipSpec, hessian_weighted_error
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
+from golfquant.quant.qtensor import Rotation
 from golfquant.quant.salient import SalientOptions
 
 
@@ -75,6 +76,9 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
     sd = ckpt.state_dict
     plan = make_plan(sd, opts.plan)
     meta: dict = {"method": opts.method, "clip": str(spec)}
+    rotations = {n: opts.rotation_for(n, tp.shape) for n, tp in plan.items() if tp.bits is not None}  # refused early
+    if any(rotations.values()):
+        meta["rotate"] = opts.rotate
     calibration = _calibration_for(ckpt, opts, plan, meta, progress, calibration, model)
     hessians = calibration.hessians
     todo = [n for n, tp in plan.items() if tp.bits is not None and n not in calibration.quantized]
@@ -86,7 +90,8 @@ def quantize_with_plan(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progre
         for i, name in enumerate(mine, 1):
             h = hessian_of(hessians, name)
             done[name] = quantize_tensor(sd[name], plan[name], plan[name].bits, spec, h, opts,
-                                         salient=salient_for(opts, sd[name], plan[name].bits, h))
+                                         salient=salient_for(opts, sd[name], plan[name].bits, h),
+                                         rotation=rotations[name])
             if progress is not None:
                 progress("quantize", i, len(mine))
         return done
@@ -135,12 +140,12 @@ def salient_for(opts: QuantizeOptions, t: torch.Tensor, bits: int, h: torch.Tens
 
 
 def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, h: torch.Tensor | None,
-                    opts: QuantizeOptions, lqer: LqerOptions | None = None, salient: SalientOptions | None = None
-                    ) -> tuple[QuantizedTensor, TensorReport]:
-    """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), and its
-    report row."""
+                    opts: QuantizeOptions, lqer: LqerOptions | None = None, salient: SalientOptions | None = None,
+                    rotation: Rotation | None = None) -> tuple[QuantizedTensor, TensorReport]:
+    """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), optionally
+    with salient column groups and in a rotated basis, and its report row."""
     start = time.perf_counter()
-    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, salient=salient)
+    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, salient=salient, rotation=rotation)
     report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "rtn", 0.0)
     if stats is not None:
         ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0
@@ -193,7 +198,8 @@ def calibrate(ckpt: Checkpoint, opts: QuantizeOptions, progress: Progress | None
             return weight
         w = ckpt.state_dict[name]
         quantized[name] = quantize_tensor(w, tp, tp.bits, spec, hessian.H, opts,
-                                          salient=salient_for(opts, w, tp.bits, hessian.H))
+                                          salient=salient_for(opts, w, tp.bits, hessian.H),
+                                          rotation=opts.rotation_for(name, tp.shape))
         return quantized[name][0].dequantize(weight.dtype)
 
     hessians = capture_hessians_sequential(model, tokens, quantize_fn, batch=resolve_batch(model, opts.calib),

@@ -31,6 +31,13 @@ device_option = click.option(
          "takes its LOCAL_RANK's GPU.")
 
 
+rotate_option = click.option(
+    "--rotate", default="none", show_default=True, metavar="none|hadamard[:BLOCK]|auto",
+    help="Quantize every integer matrix in a Hadamard-rotated basis (undone at load time); BLOCK: a power of two "
+         "dividing the columns [default: the largest that divides each]; auto (with --budget): per tensor, where "
+         "the measurement says it pays.")
+
+
 def torchrun_command(f):
     """Run the command as torchrun describes (one process without it): join the process group, let rank 0 alone
     print and write, and treat the command as one collective, so that an error on any rank is every rank's error

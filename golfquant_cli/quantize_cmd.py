@@ -14,7 +14,7 @@ from golfquant_cli import render
 from golfquant_cli.defaults import resolve_checkpoint
 from golfquant_cli.options import (calib_options, device_option, explicit_flags, json_option, model_options,
                                    parse_budget, parse_lqer, parse_salient, plan_from_flags, plan_options,
-                                   torchrun_command)
+                                   rotate_option, torchrun_command)
 
 
 @click.command()
@@ -36,6 +36,7 @@ from golfquant_cli.options import (calib_options, device_option, explicit_flags,
 @click.option("--salient", default=None, metavar="top=K,group=G,bits=B",
               help="Keep the K most salient groups of G input columns (activation RMS x mean |W|) of every matrix "
                    "with a Hessian at intB, in the same GPTQ solve (e.g. top=1,group=64,bits=8).")
+@rotate_option
 @model_options
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,
               help="Your train_gpt.py: its bytes count toward the cap.")
@@ -53,8 +54,8 @@ from golfquant_cli.options import (calib_options, device_option, explicit_flags,
 @json_option
 @torchrun_command
 def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method, clip, calib, block_size, act_order,
-             damp, sequential, lqer, salient, heads, model_spec, model_args, code_path, packed_code, budget, cache,
-             prune_to_budget, exhaustive, device, as_json):
+             damp, sequential, lqer, salient, rotate, heads, model_spec, model_args, code_path, packed_code, budget,
+             cache, prune_to_budget, exhaustive, device, as_json):
     """Quantize CKPT (default: the bundled checkpoint) into one artifact file."""
     given = explicit_flags(click.get_current_context(), ("mlp", "attn", "embed", "other", "clip", "float_max_numel"))
     ckpt = resolve_checkpoint(ckpt, quiet=as_json)
@@ -67,7 +68,8 @@ def quantize(ckpt, out, mlp, attn, embed, other, rules, float_max_numel, method,
         model_spec=model_spec, model_args=parse_model_args(list(model_args)) if model_args else None,
         budget=None if budget is None else parse_budget(budget), prune_to_budget=prune_to_budget,
         fixed_roles=tuple(r for r in ("mlp", "attn", "embed", "other") if r in given), fixed_clip="clip" in given,
-        fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential, device=device)
+        fixed_float="float_max_numel" in given, exhaustive=exhaustive, sequential=sequential, device=device,
+        rotate=rotate)
     code_bytes = 0 if code_path is None else code_size(code_path, packed=packed_code)
     note = None
     if opts.budget is not None and code_path is None:

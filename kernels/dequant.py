@@ -1,13 +1,15 @@
 """Dequantize packed integer codes (docs/architecture.md, "Bit layouts") into float weights.
 
 The result is defined, bit for bit, by `dequantize_reference` (pure torch):
-    w = (q.float32 * scale.float32 [+ lowrank_reference(A, B)]).to(dtype)
+    w = ([unrotate](q.float32 * scale.float32 [+ lowrank_reference(A, B)])).to(dtype)
 where q comes from the packed bytes (offset-binary planes, nibbles or signed int8 bytes, optionally stored in
 transposed order) and `lowrank_reference` sums the LQER rank-1 terms A[:, j] * B[j, :] in order j = 0..r-1,
 one fp32 multiply and one fp32 add each, from zero. The Triton kernel does the same operations in the same order
 with fp contraction off, so it matches the reference exactly for fp32, fp16 and bf16 (bf16 is rounded to nearest
 even by hand, because the Triton interpreter's bf16 cast truncates). golfquant's QuantizedTensor.dequantize and
-its exported loader call `lowrank_reference` too, so every path gives the same bits.
+its exported loader call `lowrank_reference` too, so every path gives the same bits. A weight quantized in a
+Hadamard-rotated basis (`Rotation`) is turned back by `unrotate` in fp32 after that sum and before the cast, in
+torch on every path (after the Triton kernel's fp32 output), so it adds no kernel and agrees bit for bit too.
 
 One Triton kernel serves every layout: plane widths, offset and transposition are constexprs, so each layout
 compiles to its own specialised kernel (element indices are int32: fewer than 2**31 codes per tensor).
@@ -49,6 +51,14 @@ class LayoutSpec:
     transposed: bool
 
 
+class Rotation(NamedTuple):
+    """W was quantized as W·R, R = diag(signs(seed))·blockdiag(H_B/√B) with B = block: the stored value
+    dequantizes to dequant·Rᵀ (`unrotate`). R is orthonormal, so the error in either basis is the same."""
+
+    block: int
+    seed: int
+
+
 class PackedWeight(NamedTuple):
     """A quantized weight as stored: codes still in their bit layout (golfquant's packed artifact reader makes
     these; QuantLinear and swap_linears take them)."""
@@ -61,6 +71,7 @@ class PackedWeight(NamedTuple):
     lqer: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 A [rows, r], B [r, cols]
     # salient column groups: (their column indexes, int64 [k], and their codes [..., rows, k] as a weight of its own)
     salient: tuple[torch.Tensor, PackedWeight] | None = None
+    rotation: Rotation | None = None
 
     def to(self, device: str | torch.device) -> PackedWeight:
         lqer = None if self.lqer is None else (self.lqer[0].to(device), self.lqer[1].to(device))
@@ -70,13 +81,20 @@ class PackedWeight(NamedTuple):
     def dequantize(self, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
         """dequantize_packed of this weight, on its device; salient groups through the same kernel, written into
         their columns. Bit-exact: the LQER sum is elementwise, so the salient part adds the same terms (B's
-        salient columns) to its own columns before the one rounding to dtype."""
-        w = dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, dtype, backend)
-        if self.salient is not None:
-            cols, sub = self.salient
-            lqer = None if self.lqer is None else (self.lqer[0], self.lqer[1][:, cols].contiguous())
-            w.index_copy_(-1, cols, sub._replace(lqer=lqer).dequantize(dtype, backend))
-        return w
+        salient columns) to its own columns. A rotation mixes columns, so it is undone after the salient columns
+        are in place: both parts are then decoded in fp32 and the one rounding to dtype comes after `unrotate`."""
+        if self.salient is None:
+            return dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, dtype,
+                                     backend, rotation=self.rotation)
+        inner = dtype if self.rotation is None else torch.float32
+        w = dequantize_packed(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, inner, backend)
+        cols, sub = self.salient
+        lqer = None if self.lqer is None else (self.lqer[0], self.lqer[1][:, cols].contiguous())
+        w.index_copy_(-1, cols, sub._replace(lqer=lqer).dequantize(inner, backend))
+        if self.rotation is None:
+            return w
+        check_rotation(self.rotation, self.shape)
+        return unrotate(w, *self.rotation).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -150,9 +168,40 @@ def lowrank_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def hadamard_signs(seed: int, n: int, device=None) -> torch.Tensor:
+    """±1 (fp32) for columns 0..n-1: a 32-bit integer hash of (seed, column), in int64 ops that never overflow
+    (every product stays below 2^63), so that every device and the exported loader draw the same signs."""
+    x = (torch.arange(n, dtype=torch.int64, device=device) + seed * 0x9E3779B1) & 0xFFFFFFFF
+    for _ in range(2):  # two rounds of a 32-bit multiply-xorshift mixer (0x45D9F3B)
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return 1.0 - 2.0 * ((x ^ (x >> 16)) & 1).to(torch.float32)
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., n] times blockdiag(H_B/√B) on the last dim, B = block (a power of two dividing n), in fp32.
+
+    Butterflies in place, log2(B) stages, a fixed order of fp32 adds and one final multiply and no matmul (a
+    BLAS would sum in its own order): every path gets the same bits. H_B is symmetric, so this is also Rᵀ's."""
+    y = x.to(torch.float32).reshape(-1, block).clone()
+    h = 1
+    while h < block:
+        v = y.view(-1, block // (2 * h), 2, h)
+        a, b = v[:, :, 0], v[:, :, 1]
+        d = a - b
+        a += b
+        b.copy_(d)
+        h *= 2
+    return (y * torch.tensor(block ** -0.5, dtype=torch.float32, device=y.device)).reshape(x.shape)
+
+
+def unrotate(w: torch.Tensor, block: int, seed: int) -> torch.Tensor:
+    """w·Rᵀ on the last dim (the inverse of golfquant.quant.rotate.rotate): Hadamard blocks, then the signs."""
+    return fwht(w, block) * hadamard_signs(seed, w.shape[-1], w.device)
+
+
 def dequantize_reference(packed: torch.Tensor, bits: int, layout: str, shape, scales: torch.Tensor,
                          lqer: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         dtype: torch.dtype = torch.bfloat16, rotation: Rotation | None = None) -> torch.Tensor:
     """The definition the kernels match bit for bit (see the module docstring)."""
     q = unpack_reference(packed, bits, layout, shape)
     check_scales(scales, q.shape)
@@ -160,25 +209,33 @@ def dequantize_reference(packed: torch.Tensor, bits: int, layout: str, shape, sc
     if lqer is not None:
         check_lqer(lqer, q.shape)
         w = w + lowrank_reference(*lqer)
+    if rotation is not None:
+        check_rotation(rotation, q.shape)
+        w = unrotate(w, *rotation)
     return w.to(dtype)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, layout: str, shape, scales: torch.Tensor,
                       lqer: tuple[torch.Tensor, torch.Tensor] | None = None,
                       dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
-                      config: KernelConfig | None = None) -> torch.Tensor:
-    """Weights [*shape] in `dtype` from packed codes (uint8 tensor), fp16 scales [shape[:-1]] and optional
-    LQER factors (A [rows, r], B [r, cols], fp32). backend: 'auto' (Triton on CUDA tensors when triton is
-    importable, else torch), 'triton' (also CPU tensors under TRITON_INTERPRET=1), 'torch'."""
+                      config: KernelConfig | None = None, rotation: Rotation | None = None) -> torch.Tensor:
+    """Weights [*shape] in `dtype` from packed codes (uint8 tensor), fp16 scales [shape[:-1]], optional
+    LQER factors (A [rows, r], B [r, cols], fp32) and optional rotation. backend: 'auto' (Triton on CUDA tensors
+    when triton is importable, else torch), 'triton' (also CPU tensors under TRITON_INTERPRET=1), 'torch'."""
     if not use_triton(backend, packed.device):
-        return dequantize_reference(packed, bits, layout, shape, scales, lqer, dtype)
+        return dequantize_reference(packed, bits, layout, shape, scales, lqer, dtype, rotation)
     spec = parse_layout(bits, layout)
     shape = tuple(int(d) for d in shape)
     check_packed(packed, spec, shape)
     check_scales(scales, shape)
     if lqer is not None:
         check_lqer(lqer, shape)
-    return _dequant_triton(packed, spec, shape, scales, lqer, dtype, config or KernelConfig())
+    if rotation is None:
+        return _dequant_triton(packed, spec, shape, scales, lqer, dtype, config or KernelConfig())
+    check_rotation(rotation, shape)
+    # the kernel's fp32 output is the reference's before its rotation: turn it back in torch, then round once
+    w = _dequant_triton(packed, spec, shape, scales, lqer, torch.float32, config or KernelConfig())
+    return unrotate(w, *rotation).to(dtype)
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
@@ -218,6 +275,14 @@ def check_lqer(lqer, shape) -> None:
             or tuple(b.shape) != (a.shape[1], shape[1]) or a.shape[0] != shape[0]:
         raise ValueError(f"LQER factors must be fp32 A [{shape[0]}, r] and B [r, {shape[-1]}] for a 2-D weight "
                          f"{tuple(shape)}, got A {a.dtype} {tuple(a.shape)} and B {b.dtype} {tuple(b.shape)}")
+
+
+def check_rotation(rotation, shape) -> None:
+    block, seed = rotation
+    if not (len(shape) >= 1 and type(block) is int and type(seed) is int and 2 <= block <= shape[-1]
+            and block & (block - 1) == 0 and shape[-1] % block == 0 and 0 <= seed < 2 ** 31):
+        raise ValueError(f"rotation {tuple(rotation)} does not fit shape {tuple(shape)}: block a power of two >= 2 "
+                         "dividing the last dim, seed in [0, 2^31)")
 
 
 def plane_bases(numel: int, spec: LayoutSpec) -> tuple[int, int]:

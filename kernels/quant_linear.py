@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dequant import PackedWeight, check_lqer, check_packed, check_scales, parse_layout
+from kernels.dequant import PackedWeight, check_lqer, check_packed, check_rotation, check_scales, parse_layout
 from kernels.matmul import FUSED_MAX_ROWS, dequant_matmul
 
 
@@ -17,12 +17,13 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias, W [out, in] held as packed codes + fp16 scales (+ LQER factors).
 
     Like `CastedLinear`, the weight is rounded to the activation dtype (autocast's dtype when autocast is on).
-    Up to FUSED_MAX_ROWS activation rows without LQER or salient groups use the fused kernel; otherwise the weight is
-    dequantized (Triton on CUDA, torch elsewhere) and multiplied by F.linear."""
+    Up to FUSED_MAX_ROWS activation rows without LQER, salient groups or rotation use the fused kernel; otherwise
+    the weight is dequantized (Triton on CUDA, torch elsewhere, a rotation undone after it) and multiplied by
+    F.linear."""
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
-        packed, bits, layout, shape, scales, lqer, salient = weight
+        packed, bits, layout, shape, scales, lqer, salient, self.rotation = weight
         self.bits, self.layout, self.shape, self.backend = bits, layout, tuple(int(d) for d in shape), backend
         if len(self.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight shape (out, in), got {self.shape}")
@@ -31,6 +32,8 @@ class QuantLinear(nn.Module):
         check_scales(scales, self.shape)
         if lqer is not None:
             check_lqer(lqer, self.shape)
+        if self.rotation is not None:
+            check_rotation(self.rotation, self.shape)
         # Float buffers are kept as integer bit patterns so that model.to(dtype) cannot re-round them.
         self.register_buffer("packed", packed)
         self.register_buffer("scale_bits", scales.view(torch.int16))
@@ -59,12 +62,13 @@ class QuantLinear(nn.Module):
         if self.salient_format is not None:
             sub = PackedWeight(self.salient_packed, *self.salient_format, self.salient_scale_bits.view(torch.float16))
             salient = (self.salient_cols, sub)
-        return PackedWeight(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, salient)
+        return PackedWeight(self.packed, self.bits, self.layout, self.shape, self.scales, self.lqer, salient,
+                            self.rotation)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lqer_a_bits is None else self.lqer_a_bits.shape[1]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"layout={self.layout}, lqer_rank={rank}, bias={self.bias is not None}")
+                f"layout={self.layout}, lqer_rank={rank}, rotation={self.rotation}, bias={self.bias is not None}")
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed_weight.dequantize(dtype, self.backend)
@@ -74,7 +78,8 @@ class QuantLinear(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.lqer_a_bits is None and self.salient_format is None and x2.shape[0] <= FUSED_MAX_ROWS:
+        if (self.lqer_a_bits is None and self.salient_format is None and self.rotation is None
+                and x2.shape[0] <= FUSED_MAX_ROWS):
             y = dequant_matmul(x2, self.packed, self.bits, self.layout, self.shape, self.scales, self.backend)
             y = y if bias is None else y + bias
         else:

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from golfquant.artifact import MAGIC, artifact_sizes, load_artifact, read_artifact, write_artifact
+from golfquant.artifact import MAGIC, MAX_SEED, artifact_sizes, load_artifact, read_artifact, write_artifact
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, register_codes_codec
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import layouts_for, pack_codes
 from golfquant.plan import PlanOptions, make_plan
 from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, lqer_b_scale_count
 from golfquant.quant.rtn import quantize_rtn
-from kernels import PackedWeight
+from kernels import PackedWeight, Rotation
 
 
 def state_dict():
@@ -47,6 +47,9 @@ def quantize(sd, plan):
         a_codes=torch.randint(-1, 2, (32, 2), generator=g, dtype=torch.int8), a_scale=torch.tensor(0.01).half(),
         a_bits=2, b_codes=torch.randint(-7, 8, (2, 32), generator=g, dtype=torch.int8),
         b_scales=(torch.rand(2, generator=g) * 0.01).half(), b_bits=4, group=48)
+    # two rotated tensors: the LQER one (the inverse comes after A @ B) and a bank (one rotation for every slice)
+    out["blocks.0.attn.c_q.weight"].rotation = Rotation(16, 5)
+    out["qo_bank"].rotation = Rotation(32, MAX_SEED)
     return out
 
 
@@ -78,6 +81,9 @@ def test_round_trip_is_bit_exact(written):
     for field in ("a_codes", "a_scale", "b_codes", "b_scales"):
         assert torch.equal(getattr(lq, field), getattr(back, field))
     assert (back.a_bits, back.b_bits, back.group) == (2, 4, 48)
+    assert {n: t.rotation for n, t in art.tensors.items() if isinstance(t, QuantizedTensor) and t.rotation} \
+        == {"blocks.0.attn.c_q.weight": (16, 5), "qo_bank": (32, MAX_SEED)}
+    assert "rotate" not in next(t for t in art.manifest["tensors"] if t["name"] == "tok_emb.weight")
 
 
 def test_passthrough_dtypes(written):
@@ -119,6 +125,7 @@ def test_packed_read_gives_kernel_weights(written):
     a, b = packed["blocks.0.attn.c_q.weight"].lqer
     assert torch.equal(a, lq.a()) and torch.equal(b, lq.b())
     assert packed["qo_bank"].lqer is None and torch.equal(packed["qo_bank"].scales, tensors["qo_bank"].scales)
+    assert packed["qo_bank"].rotation == (32, MAX_SEED) and packed["tok_emb.weight"].rotation is None
 
 
 def test_lqer_b_scale_count_is_an_exact_ceiling():
@@ -227,6 +234,7 @@ def test_size_report_accounts_for_every_byte(written):
         == by_section["scales"].length
     assert sum(t.data_bytes for t in report.tensors) == sum(s.length for s in report.sections if s.kind == "data")
     assert rows["steps"].numel == 2 and rows["tok_emb.weight"].bits_per_weight > 0
+    assert rows["qo_bank"].rotation == (32, MAX_SEED) and rows["tok_emb.weight"].rotation is None
 
 
 # ------------------------------------------------------------------------------------------- untrusted input
@@ -357,6 +365,57 @@ def test_targeted_forgeries(written, tmp_path):
     assert expect_artifact_error(tmp_path, join(manifest, region + b"\0"))
     with pytest.raises(ArtifactError, match="cannot be read"):
         read_artifact(tmp_path / "missing.gqa")
+
+
+ROTATION_FORGERIES = {  # one case per check of the reader (the tensor is 32 columns wide)
+    "unknown kind": {"kind": "givens"},
+    "kind not a string": {"kind": 1},
+    "block not a power of two": {"block": 12},
+    "block above the columns": {"block": 64},
+    "block below 2": {"block": 1},
+    "block zero": {"block": 0},
+    "block far above the columns": {"block": 1 << 40},
+    "block not an int": {"block": 16.0},
+    "block a bool": {"block": True},
+    "seed negative": {"seed": -1},
+    "seed above the range": {"seed": MAX_SEED + 1},
+    "seed not an int": {"seed": "5"},
+    "seed a bool": {"seed": False},
+    "extra key": {"axis": -1},
+}
+
+
+@pytest.mark.parametrize("what", [*ROTATION_FORGERIES, "missing key", "null", "not an object", "on a float",
+                                  "block not dividing the columns"])
+def test_rotation_forgeries_are_refused(written, tmp_path, what):
+    _, _, _, path, _ = written
+    manifest, region = split(path.read_bytes())
+    t = next(t for t in manifest["tensors"] if t["name"] == "blocks.0.attn.c_q.weight")
+    if what in ROTATION_FORGERIES:
+        t["rotate"].update(ROTATION_FORGERIES[what])
+    elif what == "missing key":
+        del t["rotate"]["seed"]
+    elif what == "on a float":
+        next(t for t in manifest["tensors"] if t["kind"] == "float")["rotate"] = t["rotate"]
+    elif what == "block not dividing the columns":  # tok_emb [48, 32] read as [32, 48]: the same codes bytes
+        emb = next(t for t in manifest["tensors"] if t["name"] == "tok_emb.weight")
+        emb.update(shape=[32, 48], rotate={"kind": "hadamard", "block": 32, "seed": 0})
+    else:
+        t["rotate"] = None if what == "null" else [16, 5]
+    forged = tmp_path / "forged.gqa"
+    forged.write_bytes(join(manifest, region))
+    with pytest.raises(ArtifactError, match=r"\.rotate|has keys") as e:  # refused by the rotation's own check
+        read_artifact(forged)
+    assert what != "block not dividing the columns" or "dividing" in str(e.value)
+
+
+def test_writer_refuses_a_rotation_that_does_not_fit(written, tmp_path):
+    _, plan, tensors, _, _ = written
+    for rotation in (Rotation(64, 0), Rotation(12, 0), Rotation(16, -1)):
+        bad = dict(tensors, qo_bank=QuantizedTensor(tensors["qo_bank"].codes, tensors["qo_bank"].scales, 6,
+                                                    rotation=rotation))
+        with pytest.raises(ValueError, match="qo_bank"):
+            write_artifact(tmp_path / "w.gqa", bad, plan, {})
 
 
 def test_rans_sections_decode_together_and_a_damaged_one_is_named(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Fuzzing the artifact reader: whatever the bytes, read_artifact/load_artifact succeed or raise ArtifactError.
 
-Small valid artifacts cover every codec, every layout, widths 2..8, LQER factors and passthrough tensors. Four tiers
+Small valid artifacts cover every codec, every layout, widths 2..8, LQER factors, rotations and passthrough tensors. Four tiers
 of damage, each reaching one level deeper into the reader: raw bytes (truncate, extend, flip, splice: stopped by the
 header and checksums), section payloads re-sealed with valid checksums (reach the decompressors and code decoders),
 forged manifests re-sealed with a valid header (reach the schema checks), and consistent forgeries (shapes, widths,
@@ -26,7 +26,7 @@ from golfquant.artifact import MAGIC, VERSION, load_artifact, read_artifact, wri
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress
 from golfquant.errors import ArtifactError
 from golfquant.pack import LAYOUTS, packed_length
-from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, SalientColumns, qmax
+from golfquant.quant.qtensor import LowRankFactors, QuantizedTensor, Rotation, SalientColumns, qmax
 
 CASE_SECONDS = 2.0  # a 1-3 KB artifact reads in milliseconds; anything near this is a hang
 MEMORY_HEADROOM = 768 << 20  # address space the reader may add on top of the test process's
@@ -44,7 +44,7 @@ def _settings(tier: str):
 
 def _tensors(widths, seed: int) -> dict:
     """Quantized tensors of each width (odd sizes, so packed layouts have padding; a 3-D bank), LQER factors on the
-    first, and passthrough fp16/bf16/fp32/float64/int64/bool tensors."""
+    first, a rotated one, and passthrough fp16/bf16/fp32/float64/int64/bool tensors."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for b in widths:
@@ -58,6 +58,9 @@ def _tensors(widths, seed: int) -> dict:
             a_codes=torch.randint(-1, 2, (rows, 2), generator=g, dtype=torch.int8), a_scale=torch.tensor(0.01).half(),
             a_bits=2, b_codes=torch.randint(-7, 8, (2, cols), generator=g, dtype=torch.int8),
             b_scales=(torch.rand(math.ceil(2 * cols / 4), generator=g) / 100).half(), b_bits=4, group=4)
+    lo = min(widths)
+    codes = torch.randint(-qmax(lo), qmax(lo) + 1, (3, 8), generator=g, dtype=torch.int8)
+    out["blocks.0.attn.rot"] = QuantizedTensor(codes, torch.full((3,), 0.02).half(), lo, rotation=Rotation(4, seed))
     out |= {"f16": torch.randn(9, generator=g).half(), "bf16": torch.randn(3, 3, generator=g).bfloat16(),
             "f32": torch.randn(5, generator=g), "f64": torch.randn(2, generator=g).double(),
             "steps": torch.tensor([3, -4], dtype=torch.int64), "mask": torch.tensor([True, False, True])}
@@ -83,7 +86,7 @@ def _build(folder: Path) -> list[bytes]:
     for i, layout in enumerate(LAYOUTS):
         widths = range(2, 5) if layout.startswith("nibble") else range(2, 9)
         specs.append((f"layout-{layout}", _tensors(widths, 10 + i), [layout_codecs[layout]], [layout]))
-    blobs, seen = [], {"codecs": set(), "layouts": set(), "bits": set(), "dtypes": set(), "lqer": 0}
+    blobs, seen = [], {"codecs": set(), "layouts": set(), "bits": set(), "dtypes": set(), "lqer": 0, "rotate": 0}
     for name, tensors, codecs, layouts in specs:
         path = folder / f"{name}.gqa"
         write_artifact(path, tensors, None, {"case": name}, codecs=codecs, layouts=layouts)
@@ -94,9 +97,10 @@ def _build(folder: Path) -> list[bytes]:
         seen["bits"] |= {t["bits"] for t in m["tensors"]}
         seen["dtypes"] |= {t["dtype"] for t in m["tensors"] if t["kind"] == "float"}
         seen["lqer"] += sum(t.get("lqer") is not None for t in m["tensors"])
+        seen["rotate"] += sum("rotate" in t for t in m["tensors"])
     assert seen["codecs"] == set(BYTE_CODECS) | set(CODES_CODECS)
     assert seen["layouts"] >= set(LAYOUTS)
-    assert seen["bits"] >= set(range(2, 9)) and seen["lqer"] >= len(specs) - 1
+    assert seen["bits"] >= set(range(2, 9)) and seen["lqer"] >= len(specs) - 1 and seen["rotate"] >= len(specs) - 1
     assert seen["dtypes"] == {"float16", "bfloat16", "float32", "float64", "int64", "bool"}
     return blobs
 
@@ -367,6 +371,8 @@ _consistent_ops = st.one_of(
     st.tuples(st.just("relayout"), st.integers(0, 100), st.sampled_from(LAYOUTS)),
     st.tuples(st.just("lqer"), st.integers(0, 100), st.sampled_from(["rank", "group", "a_bits", "b_bits"]),
               st.sampled_from([0, 1, 2, 3, 5, 8, 64, 2**20])),
+    st.tuples(st.just("rotate"), st.integers(0, 100), st.sampled_from(["kind", "block", "seed"]),
+              st.sampled_from([0, 1, 2, 3, 4, 8, 16, 2**31, -1, "hadamard", None])),
     st.tuples(st.just("dtype"), st.integers(0, 100), st.sampled_from(["float16", "bfloat16", "float32", "float64",
                                                                       "int64", "int32", "int16", "int8", "uint8",
                                                                       "bool"])),
@@ -409,6 +415,8 @@ def _apply_consistent_op(manifest: dict, op) -> None:
     elif kind == "lqer":
         if t["lqer"] is not None:
             t["lqer"][args[0]] = args[1]
+    elif kind == "rotate":
+        t.setdefault("rotate", {"kind": "hadamard", "block": 2, "seed": 0})[args[0]] = args[1]
     elif t["kind"] == "float":
         t["data"]["dtype"] = args[0]
         t["dtype"] = args[0] if t["scheme"] == "raw" else t["dtype"]

@@ -17,12 +17,15 @@ from golfquant.errors import OptionError
 from golfquant.export import artifact_features, loader_source, packed_loader
 from golfquant.measure import RECORD_SALIENT, Candidate, candidate_grid, measure, salient_fits
 from golfquant.options import QuantizeOptions
+from golfquant.plan import PlanOptions
 from golfquant.quant.clip import parse_clip, round_codes, row_scales
 from golfquant.quant.gptq import gptq_quantize, prepare_hessian
+from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.qtensor import qmax
 from golfquant.quant.quantize import Quantizer
 from golfquant.quant.salient import SalientOptions, select_groups
 from golfquant_cli.main import cli
+from kernels import PackedWeight, QuantLinear
 
 from helpers import tiny_checkpoint
 
@@ -165,7 +168,7 @@ def test_loader_pays_for_salient_groups_only_when_used(tmp_path):
     assert artifact_features(path) == set()
     lean, full = loader_source(True, None, set()), loader_source(True)
     assert "salient" not in loader_source(False, None, set()) and len(lean) < len(full)
-    assert loader_source(True, None, {"salient"}) == full
+    assert loader_source(True, None, {"salient", "rotate"}) == full
     assert packed_loader(None, set()).packed_bytes <= packed_loader().packed_bytes
     with pytest.raises(OptionError):
         loader_source(True, None, {"rotation"})
@@ -210,6 +213,34 @@ def test_quantize_with_salient_groups(ckpt, tmp_path):
     assert out.read_bytes() == again.read_bytes()
     result = invoke("quantize", ckpt, "-o", tmp_path / "b.gqa", "--budget", "1e6", "--salient", "top=1")
     assert result.exit_code == 2 and "drop --salient" in result.stderr
+
+
+@pytest.mark.parametrize("method, lqer", [("rtn", 0), ("gptq", 16)])
+def test_salient_groups_in_a_rotated_basis_decode_the_same_everywhere(ckpt, tmp_path, method, lqer):
+    # Salient columns are columns of W·R and overwrite the main codes' before LQER and the unrotation: every path
+    # (library, exported loader, packed torch/Triton, QuantLinear) must keep that order to agree bit for bit.
+    opts = QuantizeOptions(plan=PlanOptions(mlp="int4", attn="int5", float_max_numel=0), method=method,
+                           clip="sdclip", calib=CalibConfig(seqs=2, seq_len=32, batch=2), salient=TOP1,
+                           rotate="hadamard", lqer=LqerOptions(top=lqer))
+    path = tmp_path / "sr.gqa"
+    quantize_checkpoint(ckpt, opts).save(path)
+    art = read_artifact(path)
+    both = [t["name"] for t in art.manifest["tensors"] if "salient" in t and "rotate" in t and (t["lqer"] or not lqer)]
+    assert both and artifact_features(path) == {"salient", "rotate"}
+    want = load_artifact(path)
+    namespace = {}
+    exec(compile(loader_source(True, None, artifact_features(path)), "<exported>", "exec"), namespace)
+    exported = namespace["load_artifact"](path)
+    packed = read_artifact(path, packed=True).tensors
+    for name, w in want.items():
+        assert torch.equal(exported[name], w), name
+        if isinstance(packed[name], PackedWeight):
+            for backend in ("torch", "triton"):  # Triton on the CPU interpreter (tests/conftest.py)
+                assert torch.equal(packed[name].dequantize(w.dtype, backend), w), (name, backend)
+            assert torch.equal(packed[name].dequantize(torch.bfloat16, "torch"),
+                               art.tensors[name].dequantize(torch.bfloat16)), name
+    x = torch.randn(3, want[both[0]].shape[1])
+    assert torch.allclose(QuantLinear(packed[both[0]])(x), x @ want[both[0]].float().T, atol=1e-5)
 
 
 def test_budget_buys_salient_groups_deterministically(ckpt, tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ symmetric (int2 = {-1, 0, 1}, not the record's asymmetric [-2, 1]):
   and recovers most of what the coarse ternary A loses;
 * both scales are searched (MSE over shrink factors, `clip.mse` with norm 2), not set from max|·|.
 With a Hessian, U_r comes from the SVD of E·diag(sqrt(diag H)) (activation-scaled error); the least-squares
-refit of B is the same under any column weighting.
+refit of B is the same under any column weighting. A rotated tensor's correction is fitted in its rotated basis
+(the codes' basis, against the rotated Hessian), where dequantization adds it before turning the sum back.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from golfquant.errors import OptionError
 from golfquant.quant.clip import ClipSpec, round_codes, row_scales
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, LowRankFactors, QuantizedTensor
+from golfquant.quant.rotate import rotate, rotate_hessian
 
 _FACTOR_CLIP = ClipSpec("mse", norm=2.0, grid=100, maxshrink=0.95)
 
@@ -74,8 +76,11 @@ def _check(error: torch.Tensor, rank: int, a_bits: int, b_bits: int, group: int)
 
 def apply_lqer(qt: QuantizedTensor, w: torch.Tensor, rank: int = 4, a_bits: int = 2, b_bits: int = 4,
                group: int = 64, hessian: torch.Tensor | None = None) -> QuantizedTensor:
-    """qt with an LQER correction of its error against the float weight w (any previous correction replaced)."""
-    base = dataclasses.replace(qt, lqer=None)
+    """qt with an LQER correction of its error against the float weight w (any previous correction replaced);
+    w and hessian are in the original basis, whatever qt's rotation."""
+    base = dataclasses.replace(qt, lqer=None, rotation=None)
+    if qt.rotation is not None:
+        w, hessian = rotate(w, qt.rotation), None if hessian is None else rotate_hessian(hessian, qt.rotation)
     factors = lqer_factors(w.float() - base.dequantize(), rank, a_bits, b_bits, group, hessian)
     return dataclasses.replace(qt, lqer=factors)
 

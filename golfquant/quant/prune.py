@@ -89,7 +89,7 @@ def _apply(tensors: Mapping[str, QuantizedTensor], order: _Order, n: int) -> dic
         qt = tensors[name]
         codes = qt.codes.clone()
         codes.view(-1)[torch.from_numpy(picked)] = 0
-        out[name] = dataclasses.replace(qt, codes=codes)  # LQER and salient groups kept
+        out[name] = dataclasses.replace(qt, codes=codes)  # LQER, salient groups and rotation kept
     return out
 
 

@@ -4,7 +4,9 @@ Codes are symmetric integers in [-qmax(bits), qmax(bits)] held in int8; scales a
 (shape codes.shape[:-1]). Dequantization is one fp32 product (salient column groups, when present, replaced by
 their own codes times their own row scales), plus for LQER the fp32 sum of A @ B's rank-1 terms in order
 (kernels.lowrank_reference, the order the Triton kernel and the exported loader use too), rounded once to the
-output dtype, so every path agrees bit for bit.
+output dtype, so every path agrees bit for bit. A tensor quantized in a rotated basis (`rotation`, see
+golfquant.quant.rotate) is turned back last, after the salient columns and LQER (both chosen and fitted in that
+basis), by kernels.unrotate in fp32.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dequant import MAX_BITS, MIN_BITS, lowrank_reference  # the widths and LQER sum the kernels decode
+from kernels.dequant import MAX_BITS, MIN_BITS, Rotation, lowrank_reference, unrotate  # as the kernels decode
 
 
 def qmax(bits: int) -> int:
@@ -92,6 +94,7 @@ class QuantizedTensor:
     bits: int
     lqer: LowRankFactors | None = None
     salient: SalientColumns | None = None
+    rotation: Rotation | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.int8:
@@ -113,7 +116,7 @@ class QuantizedTensor:
         sal = self.salient
         if sal is not None:
             sal = dataclasses.replace(sal, codes=sal.codes.to(device), scales=sal.scales.to(device))
-        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer, sal)
+        return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.bits, lqer, sal, self.rotation)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.codes.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)
@@ -121,4 +124,6 @@ class QuantizedTensor:
             w = w.index_copy(-1, self.salient.columns(), self.salient.dequantize())
         if self.lqer is not None:
             w = w + self.lqer.product()
+        if self.rotation is not None:
+            w = unrotate(w, *self.rotation)
         return w.to(dtype)

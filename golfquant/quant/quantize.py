@@ -1,5 +1,5 @@
-"""One matrix at one setting (width, clip, optional LQER and salient column groups): GPTQ when asked and a Hessian
-exists, else RTN.
+"""One matrix at one setting (width, clip, optional LQER, salient column groups and rotation): GPTQ when asked and
+a Hessian exists, else RTN.
 
 The one place the pipeline, the measurement and the budget search turn a float weight into codes, so that what
 the measurement priced is what the artifact holds.
@@ -14,7 +14,8 @@ import torch
 from golfquant.quant.clip import ClipSpec, row_scales
 from golfquant.quant.gptq import GPTQStats, PreparedHessian, gptq_quantize, prepare_hessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer
-from golfquant.quant.qtensor import QuantizedTensor
+from golfquant.quant.qtensor import QuantizedTensor, Rotation
+from golfquant.quant.rotate import rotate, rotate_hessian
 from golfquant.quant.rtn import quantize_rtn
 from golfquant.quant.salient import SalientOptions, main_part, salient_template
 
@@ -35,24 +36,33 @@ class Quantizer:
     damp: float = 0.01
     device: torch.device | None = None
 
-    def prepare(self, hessian: torch.Tensor | None) -> list[PreparedHessian] | None:
-        """The GPTQ factorisation of one Hessian, to share across the candidates quantized against it."""
+    def prepare(self, hessian: torch.Tensor | None, rotation: Rotation | None = None
+                ) -> list[PreparedHessian] | None:
+        """The GPTQ factorisation of one Hessian (in the `rotation`'s basis), to share across the candidates
+        quantized against it."""
         if self.method != "gptq" or hessian is None:
             return None
-        return prepare_hessian(hessian.to(self.device or hessian.device), self.damp, self.act_order)
+        hessian = hessian.to(self.device or hessian.device)
+        return prepare_hessian(hessian if rotation is None else rotate_hessian(hessian, rotation), self.damp,
+                               self.act_order)
 
     def __call__(self, w: torch.Tensor, bits: int, clip: ClipSpec, role: str | None, hessian: torch.Tensor | None,
                  lqer: LqerOptions | None = None, prepared: list[PreparedHessian] | None = None,
-                 errors: bool = True, salient: SalientOptions | None = None
+                 errors: bool = True, salient: SalientOptions | None = None, rotation: Rotation | None = None
                  ) -> tuple[QuantizedTensor, GPTQStats | None]:
         """Codes of w at `bits` with `clip`; GPTQ's statistics when it ran (errors=False: without the
         Hessian-weighted errors). With `lqer` (rank > 0) the result carries a low-rank correction of its error,
         fitted with the activation scaling of the Hessian. With `salient` (top > 0) its most salient column groups
         are stored at salient.bits in the same solve (OptionError when w cannot have them, e.g. without a
-        Hessian)."""
+        Hessian). With `rotation` everything (saliency and the salient split, scales, GPTQ, LQER, the stats)
+        happens to W·R against Rᵀ·H·R, and the result records the rotation its dequantization undoes; `prepared`
+        must then be of the rotated Hessian (prepare(hessian, rotation))."""
         device = self.device or w.device
         w = w.to(device).float()
         hessian = None if hessian is None else hessian.to(device)
+        if rotation is not None:
+            w = rotate(w, rotation)
+            hessian = None if hessian is None else rotate_hessian(hessian, rotation)
         if clip.method in HESSIAN_CLIPS and hessian is None:
             clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
         stats = None
@@ -66,4 +76,4 @@ class Quantizer:
             qt = quantize_rtn(w, bits, clip, role, hessian, sal)
         if lqer is not None and lqer.rank > 0:
             qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
-        return qt.to("cpu"), stats
+        return dataclasses.replace(qt, rotation=rotation).to("cpu"), stats
