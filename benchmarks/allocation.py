@@ -94,15 +94,16 @@ class Bench:
         return self.point("--budget", s, out, chosen_plan=s["chosen_plan"], schemes=dict(sorted(schemes.items())),
                           measurement_cached=s["measurement"]["cached"], plans=s["plans"])
 
-    def uniform_at(self, bits: int, budget: int) -> dict:
-        """Uniform intB at `budget`: the common clip factor s that fills it (secant steps on log bytes against
-        log s, at most _SECANT more artifacts, the last pruned to fit), or the smallest allowed s when even that
-        fits."""
+    def uniform_at(self, bits: int, budget: int, method: str = "gptq") -> dict:
+        """Uniform intB by `method` at `budget`: the common clip factor s that fills it (secant steps on log bytes
+        against log s, at most _SECANT more artifacts, the last pruned to fit), or the smallest allowed s when even
+        that fits."""
         def clip(s: float) -> str:
             return "sdclip:" + ",".join(f"{role}={round(record_k(role, bits) * s, 4)!r}" for role in RECORD_K)
 
         def size(s: float) -> int:
-            return self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib))[0]["total_bytes"]
+            return self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib,
+                                                 method=method))[0]["total_bytes"]
 
         least = MIN_CLIP / record_k("mlp", bits)
         sizes = {least: size(least)}
@@ -117,7 +118,7 @@ class Bench:
                 if 0.99 * budget <= sizes[s] <= budget:
                     break
         summary, out = self.quantize(QuantizeOptions(plan=uniform(bits), clip=clip(s), calib=self.calib,
-                                                     budget=budget, prune_to_budget=True))
+                                                     method=method, budget=budget, prune_to_budget=True))
         return self.point(f"uniform int{bits}", summary, out, clip=clip(s), pruned_codes=summary["pruned_codes"])
 
 

@@ -165,6 +165,7 @@ class _Run:
         self.chosen: str | None = None
         self.pruned = 0
         self.encodes = 0
+        self.encoded_plan: str | None = None  # self.chosen when the last encode ran
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -370,7 +371,8 @@ class _Run:
         choice = choices[self.chosen]
         self.confirmed = {n: self._cand(n, i) for n, i in choice.items()}
         while True:
-            if {n: self._cand(n, i) for n, i in choice.items()} != self.choice:
+            # re-encode for a new choice, or for the manifest to name the plan (the first encode came before it)
+            if {n: self._cand(n, i) for n, i in choice.items()} != self.choice or self.encoded_plan != self.chosen:
                 encoded = self._encode_choice(choice)
             real = encoded.info.total_bytes
             if (1 - BUDGET_TOLERANCE) * self.room <= real <= self.room or self.encodes >= _FIT_ROUNDS:
@@ -483,6 +485,7 @@ class _Run:
         with self.timed("encode"):
             encoded = encode_artifact(tensors, plan, self.meta() | self.extra_meta, exhaustive=self.opts.exhaustive)
         self.encodes += 1
+        self.encoded_plan = self.chosen
         if self.progress:
             self.progress("encode", 1, 1)
         return encoded

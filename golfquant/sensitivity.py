@@ -39,6 +39,13 @@ from torch import nn
 from golfquant.calib import Hessian, hessian_targets, model_logits
 
 HEAD_POSITIONS = 1024  # held-out positions the exact head damage averages over (cost: positions x vocab x dim)
+# Tokens per forward (and backward) pass: bounds the activations and logits held at once (a record-size model's
+# backward over 2 x 2048 tokens holds ~1 GB more than over one sequence); the results do not depend on it.
+BATCH_TOKENS = 2048
+
+
+def _sequences_per_pass(tokens: torch.Tensor) -> int:
+    return max(1, BATCH_TOKENS // tokens.shape[1])
 
 
 @dataclass
@@ -94,12 +101,12 @@ def _softcap(model: nn.Module) -> float | None:
     return float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
 
 
-def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[str, Hessian], batch: int = 8,
+def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[str, Hessian],
                         head_positions: int = HEAD_POSITIONS) -> Sensitivity:
     """Fisher diagonals of every Linear output and embedding lookup, and the tied head's sample, from the
     cross-entropy of `tokens` [N, L] (each sequence predicts its own next tokens) under the float model.
 
-    One forward and backward pass per batch of sequences; the model's parameters are left as they were (their
+    One forward and backward pass per BATCH_TOKENS tokens' worth of sequences; the model's parameters are left as they were (their
     gradients are cleared)."""
     linears, emb = hessian_targets(model)
     embeddings = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
@@ -144,8 +151,8 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     model.eval()
     try:
         with torch.enable_grad():
-            for start in range(0, n_seq, batch):
-                seq = tokens[start:start + batch].to(device)
+            for start in range(0, n_seq, _sequences_per_pass(tokens)):
+                seq = tokens[start:start + _sequences_per_pass(tokens)].to(device)
                 hidden.clear()
                 logits = model_logits(model, seq[:, :-1])
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1),
@@ -181,10 +188,10 @@ def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def reference_logprobs(model: nn.Module, tokens: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
-    """The float model's next-token log-probabilities on tokens [N, L], per batch of sequences (for
-    plan_divergence)."""
+def reference_logprobs(model: nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The float model's next-token log-probabilities on tokens [N, L], per pass (for plan_divergence)."""
     device = next(model.parameters()).device
+    batch = _sequences_per_pass(tokens)
     return [F.log_softmax(model_logits(model, tokens[s:s + batch, :-1].to(device)).float(), dim=-1)
             for s in range(0, tokens.shape[0], batch)]
 
@@ -196,7 +203,7 @@ class Divergence(NamedTuple):
 
 @torch.no_grad()
 def plan_divergence(model: nn.Module, weights: dict[str, torch.Tensor], tokens: torch.Tensor,
-                    reference: list[torch.Tensor], batch: int = 8) -> Divergence:
+                    reference: list[torch.Tensor]) -> Divergence:
     """How far the model with `weights` swapped in moves from the float model on the held-out tokens the
     reference log-probabilities were computed on. The model's own weights are restored afterwards."""
     params = dict(model.named_parameters())
@@ -207,6 +214,7 @@ def plan_divergence(model: nn.Module, weights: dict[str, torch.Tensor], tokens: 
     try:
         for name, w in weights.items():
             params[name].copy_(w.to(params[name].dtype))
+        batch = _sequences_per_pass(tokens)
         for i, start in enumerate(range(0, tokens.shape[0], batch)):
             seq = tokens[start:start + batch].to(device)
             lq = F.log_softmax(model_logits(model, seq[:, :-1]).float(), dim=-1)

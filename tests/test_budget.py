@@ -62,6 +62,8 @@ def test_budget_is_never_exceeded_and_is_spent(ckpt, sizes, tmp_path):
         assert r.total_bytes >= 0.97 * budget, (budget, r.total_bytes)
         assert all(a.free for a in r.budget.allocation)
         load_artifact(out)  # valid and complete
+        meta = read_artifact(out).manifest["meta"]  # names what was chosen
+        assert (meta["plan"], meta["allocation"]) == (r.budget.chosen, r.meta["allocation"])
 
 
 def test_unreachable_budget_names_the_smallest_size_and_writes_no_artifact(ckpt, tmp_path):
