@@ -214,8 +214,10 @@ class _Run:
     def grids(self) -> dict[str, list[Candidate]]:
         fixed_clip = self.spec if self.opts.fixed_clip else None
         hessians = self.calibration.hessians
+        salient = self.opts.salient if self.opts.salient.auto else None
         return {n: candidate_grid(self.plan[n].role, self.sd[n].dim(), fixed_clip,
-                                  salient_fits(self.sd[n], hessian_of(hessians, n)),
+                                  salient if salient and salient_fits(self.sd[n], hessian_of(hessians, n), salient)
+                                  else None,
                                   self.rotation[n] and self.rotation[n].block, self.opts.rotate == "auto")
                 for n in self.free}
 

@@ -9,10 +9,10 @@ Candidates of one matrix (`candidate_grid`), a set designed so that finer moves 
   grid of clip ranges that holds every setting the measured allocations of benchmarks/sensitivity.py picked;
 * the records' settings, int6 k = 12.85 (int8 k = 20 for an embedding), so that their recipe is a plan of the table;
 * LQER rank 4 (the records' factors) on top of int3 k = 4.24 and int4..int6 k = 8 (2-D matrices only);
-* PR #1908's salient groups (the top group of 64 input columns at int8, golfquant.quant.salient) on top of the
-  records' setting and int4, int5 k = 8, for 2-D matrices with a Hessian whose columns come in whole groups
-  (three candidates: where the records' widths and the budget's usual picks are).
-With a clip fixed by the user (`fixed_clip`), the widths with that clip, salient groups on int4..int6, and fp16.
+* with `--salient auto`, PR #1908's salient groups (by default the top group of 64 input columns at int8,
+  golfquant.quant.salient) on top of the records' setting and int4, int5 k = 8, for 2-D matrices with a Hessian
+  whose columns come in whole groups (three candidates: where the records' widths and the budget's usual picks are).
+With a clip fixed by the user (`fixed_clip`), the widths with that clip (salient groups on int4..int6), and fp16.
 With `--rotate hadamard` every integer candidate (salient ones included) is quantized in the rotated basis; with
 `--rotate auto` each gets a rotated twin, so the solver buys the rotation per tensor where it pays.
 
@@ -49,7 +49,6 @@ RECORD_WIDTH = {"embed": 8, "default": 6}  # the 04-05 SDClip record: int8 embed
 LQER_AT = ((3, 4.243), (4, 8.0), (5, 8.0), (6, 8.0))
 RECORD_LQER = LqerOptions(rank=4)
 SALIENT_AT = ((4, 8.0), (5, 8.0))  # and the records' setting
-RECORD_SALIENT = SalientOptions(top=1, group=64, bits=8)  # PR #1908
 
 
 def sdclip(k: float) -> ClipSpec:
@@ -104,15 +103,15 @@ def record_candidate(role: str) -> Candidate:
     return Candidate(RECORD_WIDTH[key], sdclip(record_k(key, RECORD_WIDTH[key])))
 
 
-def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, salient: bool = False,
+def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, salient: SalientOptions | None = None,
                    rotate: int | None = None, twins: bool = False) -> list[Candidate]:
-    """The candidates of one tensor (module docstring), in a fixed order: fp16 first. salient: the tensor can
-    have RECORD_SALIENT's groups (2-D, a Hessian, whole groups: salient_fits). rotate: the block of its rotation,
-    which every integer candidate (salient ones included) gets, or with `twins` a rotated twin after the
-    unrotated ones."""
+    """The candidates of one tensor (module docstring), in a fixed order: fp16 first. salient: the groups its
+    salient candidates get (`--salient auto`, for a tensor that can hold them: salient_fits). rotate: the block of
+    its rotation, which every integer candidate (salient ones included) gets, or with `twins` a rotated twin after
+    the unrotated ones."""
     if fixed_clip is not None:
         out = [Candidate(None)] + [Candidate(b, fixed_clip) for b in range(MIN_BITS, MAX_BITS + 1)]
-        out += [Candidate(b, fixed_clip, salient=RECORD_SALIENT) for b in (4, 5, 6)] if salient else []
+        salient_at = [(b, fixed_clip) for b in (4, 5, 6)]
     else:
         out = [Candidate(None)]
         for bits in range(MIN_BITS, MAX_BITS + 1):
@@ -122,19 +121,19 @@ def candidate_grid(role: str, ndim: int, fixed_clip: ClipSpec | None = None, sal
             out.append(record)
         if ndim == 2:
             out += [Candidate(bits, sdclip(k), RECORD_LQER) for bits, k in LQER_AT]
-        if salient:
-            out += [Candidate(bits, clip, salient=RECORD_SALIENT) for bits, clip in
-                    [(b, sdclip(k)) for b, k in SALIENT_AT] + [(record.bits, record.clip)]
-                    if bits < RECORD_SALIENT.bits]
+        salient_at = [(b, sdclip(k)) for b, k in SALIENT_AT] + [(record.bits, record.clip)]
+    if salient is not None:
+        applied = dataclasses.replace(salient, auto=False)
+        out += [Candidate(bits, clip, salient=applied) for bits, clip in salient_at if bits < applied.bits]
     if rotate is None:
         return out
     rotated = [dataclasses.replace(c, rotate=rotate) for c in out if c.bits is not None]
     return out + rotated if twins else out[:1] + rotated
 
 
-def salient_fits(w: torch.Tensor, hessian: torch.Tensor | None) -> bool:
-    """Whether the grid of w offers salient groups: a 2-D matrix that can hold RECORD_SALIENT's at int6."""
-    return w.dim() == 2 and RECORD_SALIENT.unfit(tuple(w.shape), 6, hessian) is None
+def salient_fits(w: torch.Tensor, hessian: torch.Tensor | None, salient: SalientOptions) -> bool:
+    """Whether the grid of w offers `salient`'s groups: a 2-D matrix that can hold them at int6."""
+    return salient.top > 0 and w.dim() == 2 and salient.unfit(tuple(w.shape), 6, hessian) is None
 
 
 @dataclass

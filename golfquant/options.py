@@ -77,12 +77,15 @@ class QuantizeOptions:
                 raise OptionError("--lqer cannot be combined with --prune-to-budget: drop one of them"
                                   if self.prune_to_budget else
                                   "--budget buys LQER corrections per tensor where they pay: drop --lqer")
-            if self.salient.top > 0:
+            if self.salient.top > 0 and not self.salient.auto:
                 raise OptionError("--salient cannot be combined with --prune-to-budget: drop one of them"
                                   if self.prune_to_budget else
                                   "--budget buys salient column groups per tensor where they pay: drop --salient")
             if self.sequential:
                 raise OptionError("--sequential cannot be combined with --budget yet: drop one of them")
+        if self.salient.auto and (self.budget is None or self.prune_to_budget):
+            raise OptionError("--salient auto lets --budget buy salient groups per tensor: add --budget BYTES "
+                              "(without --prune-to-budget), or give the groups of every matrix (top=1,group=64)")
         if self.sequential and self.method != "gptq":
             raise OptionError("--sequential quantizes block by block with GPTQ: add --method gptq")
 

@@ -136,7 +136,7 @@ def salient_for(opts: QuantizeOptions, t: torch.Tensor, bits: int, h: torch.Tens
     None: --salient applies to every matrix that fits and leaves the others as they are (meta["salient"] names
     those it applied to)."""
     s = opts.salient
-    return s if s.top > 0 and s.unfit(tuple(t.shape), bits, h) is None else None
+    return s if s.top > 0 and not s.auto and s.unfit(tuple(t.shape), bits, h) is None else None
 
 
 def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, h: torch.Tensor | None,

@@ -138,13 +138,17 @@ def parse_lqer(text: str | None) -> LqerOptions:
 
 
 def parse_salient(text: str | None) -> SalientOptions:
-    """`top=1[,group=64,bits=8]`: the most salient groups of input columns at a higher width."""
+    """`top=1[,group=64,bits=8]`: the most salient groups of input columns at a higher width; `auto[,...]`: the
+    groups (top=1 unless given) as candidates of --budget."""
     if not text:
         return SalientOptions()
-    fields = {}
+    fields: dict = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         key = key.strip()
+        if key == "auto" and not sep and "auto" not in fields:
+            fields["auto"] = True
+            continue
         if not sep or key not in SalientOptions.__dataclass_fields__ or key in fields:
             raise OptionError(f"--salient {text!r}: expected KEY=INT pairs from top, group, bits, each once "
                               "(e.g. top=1,group=64,bits=8)")
@@ -152,7 +156,7 @@ def parse_salient(text: str | None) -> SalientOptions:
             fields[key] = int(value)
         except ValueError:
             raise OptionError(f"--salient {text!r}: {key} must be an integer, got {value.strip()!r}") from None
-    return SalientOptions(**fields)
+    return SalientOptions(**({"top": 1} if fields.get("auto") else {}) | fields)
 
 
 def parse_budget(text: str) -> int:

@@ -33,9 +33,10 @@ from golfquant_cli.options import (calib_options, device_option, explicit_flags,
 @click.option("--sequential", is_flag=True,
               help="GPTQ block by block: each block's Hessians collected with the earlier blocks already quantized.")
 @click.option("--lqer", default=None, metavar="top=K,rank=R", help="Low-rank error correction of the K worst tensors.")
-@click.option("--salient", default=None, metavar="top=K,group=G,bits=B",
+@click.option("--salient", default=None, metavar="top=K,group=G,bits=B|auto",
               help="Keep the K most salient groups of G input columns (activation RMS x mean |W|) of every matrix "
-                   "with a Hessian at intB, in the same GPTQ solve (e.g. top=1,group=64,bits=8).")
+                   "with a Hessian at intB, in the same GPTQ solve (e.g. top=1,group=64,bits=8); auto (with "
+                   "--budget): offer them per tensor to the allocation.")
 @rotate_option
 @model_options
 @click.option("--code", "code_path", type=click.Path(path_type=Path), default=None,

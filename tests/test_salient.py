@@ -15,7 +15,7 @@ from golfquant.artifact import artifact_sizes, load_artifact, read_artifact, wri
 from golfquant.calib import CalibConfig
 from golfquant.errors import OptionError
 from golfquant.export import artifact_features, loader_source, packed_loader
-from golfquant.measure import RECORD_SALIENT, Candidate, candidate_grid, measure, salient_fits
+from golfquant.measure import Candidate, candidate_grid, measure, salient_fits
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.quant.clip import parse_clip, round_codes, row_scales
@@ -25,6 +25,7 @@ from golfquant.quant.qtensor import qmax
 from golfquant.quant.quantize import Quantizer
 from golfquant.quant.salient import SalientOptions, select_groups
 from golfquant_cli.main import cli
+from golfquant_cli.options import parse_salient
 from kernels import PackedWeight, QuantLinear
 
 from helpers import tiny_checkpoint
@@ -127,6 +128,10 @@ def test_bad_options_are_refused():
         SalientOptions(top=1, group=0)
     with pytest.raises(OptionError, match="drop --salient"):
         QuantizeOptions(budget=10**6, salient=TOP1)
+    auto = dataclasses.replace(TOP1, auto=True)
+    for wrong in ({}, {"budget": 10**6, "prune_to_budget": True}):
+        with pytest.raises(OptionError, match="--salient auto lets --budget"):
+            QuantizeOptions(salient=auto, **wrong)
     assert QuantizeOptions(method="rtn", salient=TOP1).needs_hessians
 
 
@@ -187,7 +192,8 @@ def ckpt(tmp_path_factory):
 CALIB_FLAGS = ("--calib-seqs", 2, "--calib-len", 32, "--calib-batch", 2)
 
 
-@pytest.mark.parametrize("text", ["top", "top=x", "top=1,colour=2", "top=1,top=2", "group=0,top=1", "bits=9,top=1"])
+@pytest.mark.parametrize("text", ["top", "top=x", "top=1,colour=2", "top=1,top=2", "group=0,top=1", "bits=9,top=1",
+                                  "auto=1", "auto,auto", "auto"])
 def test_bad_salient_text_is_one_line_and_exit_2(ckpt, tmp_path, text):
     result = invoke("quantize", ckpt, "-o", tmp_path / "never.gqa", "--salient", text)
     assert result.exit_code == 2
@@ -244,15 +250,19 @@ def test_salient_groups_in_a_rotated_basis_decode_the_same_everywhere(ckpt, tmp_
 
 
 def test_budget_buys_salient_groups_deterministically(ckpt, tmp_path, monkeypatch):
-    grid = candidate_grid("mlp", 2, salient=True)
+    auto = parse_salient("auto")
+    assert auto == SalientOptions(top=1, group=64, bits=8, auto=True)
+    assert not any(c.salient for c in candidate_grid("mlp", 2))  # off unless asked for
+    grid = candidate_grid("mlp", 2, salient=auto)
     sal = [c for c in grid if c.salient]
     assert [c.key for c in sal] == [f"{setting} +salient1x64@int8" for setting in (
         "int4 sdclip:default=8.0", "int5 sdclip:default=8.0", "int6 sdclip:default=12.85")]
-    assert not any(c.salient for c in candidate_grid("embed", 2, salient=True) if c.bits == 8)
+    assert not any(c.salient for c in candidate_grid("embed", 2, salient=auto) if c.bits == 8)
     assert Candidate.from_json(json.loads(json.dumps(sal[0].to_json()))) == sal[0]
-    assert salient_fits(torch.zeros(4, 128), torch.eye(128)) and not salient_fits(torch.zeros(4, 64), torch.eye(64))
-    assert not salient_fits(torch.zeros(4, 128), None) and RECORD_SALIENT.bits == 8
-    opts = QuantizeOptions(calib=CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128), budget=40000)
+    assert salient_fits(torch.zeros(4, 128), torch.eye(128), auto)
+    assert not salient_fits(torch.zeros(4, 64), torch.eye(64), auto)  # one group: none would be left
+    assert not salient_fits(torch.zeros(4, 128), None, auto)
+    opts = QuantizeOptions(calib=CalibConfig(seqs=2, seq_len=32, batch=2, holdout=128), budget=40000, salient=auto)
     stem = tmp_path / "a"
     first = quantize_checkpoint(ckpt, opts, cache=stem)
     assert quantize_checkpoint(ckpt, opts).data == first.data

@@ -22,11 +22,13 @@ from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor, Salient
 @dataclass(frozen=True)
 class SalientOptions:
     """The `top` most salient groups of `group` input columns at `bits` (PR #1908: top=1, group=64, int8); top=0
-    is off."""
+    is off. `auto` (with --budget): not applied to every matrix but offered to the allocation as candidates on
+    int4, int5 and the records' int6, bought per tensor where their measured damage pays for their bytes."""
 
     top: int = 0
     group: int = 64
     bits: int = 8
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if self.top < 0 or self.group < 1 or not MIN_BITS <= self.bits <= MAX_BITS:
