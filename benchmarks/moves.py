@@ -37,7 +37,8 @@ OUT = Path(__file__).with_suffix(".json")
 WIDTHS = (4, 5, 6)
 METHODS = ("rtn", "gptq")
 MOVES = {"+salient": {"salient": SalientOptions(top=1, group=64, bits=8)}, "+hadamard": {"rotate": "hadamard"}}
-BUDGET_MOVES = {"default candidates": {}, "--rotate auto": {"rotate": "auto"}, "--salient auto": {"salient": "auto"}}
+BUDGET_MOVES = {"default candidates": {}, "--rotate auto": {"rotate": "auto"},
+                "--salient auto": {"salient": SalientOptions(top=1, group=64, bits=8, auto=True)}}
 
 
 def records_clip(bits: int) -> str:
