@@ -26,19 +26,20 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
 from checkpoints import checkpoints, sha256
+
 from golfquant.api import quantize_checkpoint
 from golfquant.atomic import atomic_write_text
 from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_tokenizer_path, default_val_pattern
 from golfquant.evaluate import eval_val_bpb
-from golfquant.quant.clip import RECORD_K, record_k
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import build_float_model, calibrate
-from golfquant.roundtrip import load_quantized_weights, prepare_eval
 from golfquant.plan import PlanOptions
+from golfquant.quant.clip import RECORD_K, record_k
+from golfquant.roundtrip import load_quantized_weights, prepare_eval
+from golfquant_cli.render import quantize_json
 
 OUT = Path(__file__).with_suffix(".json")
 WIDTHS = (5, 6, 7, 8)
@@ -73,11 +74,14 @@ class Bench:
             load_quantized_weights(model, artifact)
         return eval_val_bpb(model, self.ev.tokens, self.ev.luts, self.ev.seq_len).val_bpb
 
-    def quantize(self, opts: QuantizeOptions, cache=False) -> tuple[dict, Path]:
+    def quantize(self, opts: QuantizeOptions, cache: Path | None = None) -> tuple[dict, Path]:
+        """The `quantize --json` summary of the artifact written to a new file, and the file."""
         self.count += 1
         out = self.work / f"a{self.count}.gqa"
         start = time.perf_counter()
-        s = quantize_checkpoint(self.path, out, opts, calibration=self.calibration, cache=cache)
+        result = quantize_checkpoint(self.path, opts, calibration=self.calibration, cache=cache)
+        result.save(out)
+        s = quantize_json(result, out)
         s["seconds"] = time.perf_counter() - start
         return s, out
 
@@ -148,9 +152,10 @@ def fresh_budget_seconds(path: Path, tmp: Path, budget: int) -> dict:
     out = {}
     for run_name in ("first", "cached"):
         start = time.perf_counter()
-        s = quantize_checkpoint(path, tmp / "fresh.gqa", QuantizeOptions(budget=budget))
+        result = quantize_checkpoint(path, QuantizeOptions(budget=budget), cache=tmp / "fresh")
+        result.save(tmp / "fresh.gqa")
         out[run_name] = round(time.perf_counter() - start, 1)
-        out[f"{run_name}_measurement_seconds"] = s["measurement"]["seconds"]
+        out[f"{run_name}_measurement_seconds"] = result.budget.measurement.seconds
     return out
 
 

@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from allocation import RECORDS_CLIP, Bench, uniform
 from checkpoints import checkpoints, sha256
+
 from golfquant.atomic import atomic_write_text
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
