@@ -6,9 +6,12 @@ On each checkpoint of benchmarks/checkpoints.py, with one self-generated calibra
 artifact, for RTN and GPTQ at int4, int5 and int6 on every matrix (the records' per-role SDClip k at that width):
 * `plain`: the plan without a move, at its own bytes;
 * `+salient` (top=1, group=64, int8) and `+hadamard` (the largest power-of-two block): the plan with the move;
-* `plain at the move's bytes`: the plan without the move, its clip factor raised until it fills the moved
-  artifact's bytes (allocation.py's secant search, the last ±1 codes pruned): the same bytes spent on finer steps.
-The move pays where its gap is below the last one. Then `--budget` at the records' recipe's bytes with the default
+* `plain at the move's bytes`: the plan without the move, its clip factor changed until it fills the moved
+  artifact's bytes (allocation.py's secant search, the last ±1 codes pruned): the same bytes spent on finer steps,
+  down to the 4-sigma clip floor (bytes beyond it stay unused);
+* `--budget at the move's bytes`: the measured allocation without moves (default candidates) given those bytes,
+  the best golfquant does with them otherwise.
+The move pays where its gap is below both. Then `--budget` at the records' recipe's bytes with the default
 candidates, with `--rotate auto` (a rotated twin of every candidate) and with `--salient auto` (salient candidates
 on int4, int5 and the records' int6). Every gap is val_bpb on the first --eval-tokens of the bundled validation
 split (never used by calibration or the measurement) minus the float model's on the same tokens.
@@ -57,6 +60,9 @@ def run(path: Path, args) -> dict:
                     moved = b.point(move, *b.quantize(dataclasses.replace(base, **change)))
                     row[move] = moved
                     row[f"plain at {move} bytes"] = b.uniform_at(bits, moved["total_bytes"], method=method)
+                    s, out = b.quantize(QuantizeOptions(calib=b.calib, budget=moved["total_bytes"]),
+                                        cache=Path(tmp) / "default_candidates")
+                    row[f"--budget at {move} bytes"] = b.point("--budget", s, out, chosen_plan=s["chosen_plan"])
                 rows.append(row)
         rec_s, rec_out = b.quantize(QuantizeOptions(plan=PlanOptions(mlp="int6", attn="int6", embed="int8",
                                                                      other="int6"), clip=RECORDS_CLIP, calib=b.calib))
@@ -64,7 +70,7 @@ def run(path: Path, args) -> dict:
         budget = {"records' recipe": records}
         for label, change in BUDGET_MOVES.items():
             s, out = b.quantize(QuantizeOptions(calib=b.calib, budget=records["total_bytes"], **change),
-                                cache=Path(tmp) / label.replace(" ", "_"))
+                                cache=Path(tmp) / label.replace(" ", "_").replace("-", ""))
             budget[label] = b.point(label, s, out, chosen_plan=s["chosen_plan"],
                                     moved=sum(" +had" in a["setting"] or "+salient" in a["setting"]
                                               for a in s["allocation"]),
@@ -83,10 +89,11 @@ def main() -> None:
     atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
     for label, r in results.items():
         print(f"\n{label}: float val_bpb {r['float_bpb']:.4f} on {r['eval_tokens']:,} validation tokens")
-        print("| method | width | plain | +salient | plain at its bytes | +hadamard | plain at its bytes |")
-        print("|---|---|---|---|---|---|---|")
+        print("| method | width | plain | +salient | plain at its bytes | --budget at its bytes | +hadamard | "
+              "plain at its bytes | --budget at its bytes |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for x in r["rows"]:
-            cells = [x["plain"]] + [x[k] for m in MOVES for k in (m, f"plain at {m} bytes")]
+            cells = [x["plain"]] + [x[k] for m in MOVES for k in (m, f"plain at {m} bytes", f"--budget at {m} bytes")]
             print(f"| {x['method']} | int{x['bits']} | "
                   + " | ".join(f"{c['gap_bpb']:+.4f} ({c['total_bytes']:,})" for c in cells) + " |")
         print("\n| at the records' bytes | gap | plan | tensors moved | measurement s |")
