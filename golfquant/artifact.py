@@ -223,6 +223,12 @@ def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: 
     return _smallest([_Section(kind, name, c, layout, len(raw), compress(streams[layout], c)) for layout, c in pairs])
 
 
+def float_tensor_bytes(t: torch.Tensor, exhaustive: bool = False) -> int:
+    """What a float tensor costs alone in a data section, compressed as the writer would: the budget prices float
+    candidates with it, since a tensor of near-identical rows (an embedding's rarely seen tokens) shrinks a lot."""
+    return len(_encode_bytes("data", "", _raw_bytes(t), t.element_size(), list(BYTE_CODECS), exhaustive).blob)
+
+
 def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 

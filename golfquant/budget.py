@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from golfquant.artifact import EncodedArtifact, encode_artifact
+from golfquant.artifact import EncodedArtifact, encode_artifact, float_tensor_bytes
 from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
                              save_measurement, state_dict_digest)
 from golfquant.calib import heldout_tokens
@@ -271,11 +271,12 @@ class _Run:
         return self.values[key][0]
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:
-        """The candidate's bytes with its codes priced by the coder's own size model."""
+        """The candidate's bytes with its codes priced by the coder's own size model, a float tensor compressed."""
         key = (name, cand.key)
         if key not in self.exact:
-            self.exact[key] = stored_bytes(self.value(name, cand),
-                                           lambda codes, bits: estimate_encoded_bytes(codes.numpy(), bits))
+            value = self.value(name, cand)
+            self.exact[key] = float(float_tensor_bytes(value, self.opts.exhaustive)) if cand.bits is None else \
+                stored_bytes(value, lambda codes, bits: estimate_encoded_bytes(codes.numpy(), bits))
         return self.exact[key]
 
     # -------------------------------------------------------------------------------------------- solving

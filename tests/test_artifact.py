@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from golfquant.artifact import MAGIC, MAX_SEED, artifact_sizes, load_artifact, read_artifact, write_artifact
+from golfquant.artifact import (MAGIC, MAX_SEED, artifact_sizes, encode_artifact, float_tensor_bytes, load_artifact,
+                                read_artifact, write_artifact)
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, register_codes_codec
 from golfquant.errors import ArtifactError, OptionError
 from golfquant.pack import layouts_for, pack_codes
@@ -462,3 +463,10 @@ def test_rans_sections_decode_together_and_a_damaged_one_is_named(tmp_path, monk
     damaged.write_bytes(join(manifest, new_region))
     with pytest.raises(ArtifactError, match=rf"tensor 'blocks\.2\.mlp\.fc\.weight' sections\[{index}\]: rANS stream"):
         read_artifact(damaged)
+
+
+def test_a_float_tensor_is_priced_at_what_the_writer_spends_on_it():
+    t = torch.randn(4, 64).repeat(64, 1).half()  # repeated rows, as an embedding's rarely seen tokens
+    info = encode_artifact({"w": t}, None).info
+    (data,) = [s for s in info.sections if s.kind == "data"]
+    assert float_tensor_bytes(t) == data.length < t.numel() * 2 / 8
