@@ -194,12 +194,17 @@ def plot(results: dict) -> None:
     fig.savefig(OUT.with_suffix(".png"), dpi=100)
 
 
-def main() -> None:
+def bench_arguments() -> argparse.Namespace:
+    """The options of a benchmark built on Bench (this one and moves.py), on one thread."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-seqs", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=65536)
-    args = ap.parse_args()
     torch.set_num_threads(1)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = bench_arguments()
     results = {label: run(label, path, args) for label, path in checkpoints().items()}
     atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
     plot(results)

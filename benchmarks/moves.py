@@ -20,14 +20,12 @@ split (never used by calibration or the measurement) minus the float model's on 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
-import torch
-from allocation import RECORDS_CLIP, Bench, uniform
+from allocation import RECORDS_CLIP, Bench, bench_arguments, uniform
 from checkpoints import checkpoints, sha256
 
 from golfquant.atomic import atomic_write_text
@@ -80,11 +78,7 @@ def run(path: Path, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calib-seqs", type=int, default=64)
-    ap.add_argument("--eval-tokens", type=int, default=65536)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = bench_arguments()
     results = {label: run(path, args) for label, path in checkpoints().items()}
     atomic_write_text(OUT, json.dumps(results, indent=1) + "\n")
     for label, r in results.items():
