@@ -225,8 +225,8 @@ def generate_with_hessians(model: nn.Module, cfg: CalibConfig, include_embedding
     the last token) instead of running the generated tokens through the model a second time. The tokens are
     those of `generate_tokens`; the Hessians equal `capture_hessians(model, tokens)` up to float rounding
     (decode and the full forward agree to ~1e-6). Rows are buffered per Hessian until `flush_rows` are
-    pending, so H is updated in large rank-k products; more rows gain no speed and cost memory (4096 raised the
-    peak RSS of a record-size calibration from 1.6 to 3.5 GB).
+    pending, so H is updated in large rank-k products; more rows gain no speed and cost memory (4096 rows of every
+    layer's input, with the heap they fragment, about doubled a record-size calibration's peak RSS).
     """
     if not callable(getattr(model, "decode", None)):
         raise OptionError("generate_with_hessians needs a model with decode(idx_new, cache); use "
