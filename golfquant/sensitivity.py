@@ -39,8 +39,8 @@ from torch import nn
 from golfquant.calib import Hessian, hessian_targets, model_logits
 
 HEAD_POSITIONS = 1024  # held-out positions the exact head damage averages over (cost: positions x vocab x dim)
-# Tokens per forward (and backward) pass: bounds the activations and logits held at once (a record-size model's
-# backward over 2 x 2048 tokens holds ~1 GB more than over one sequence); the results do not depend on it.
+# Tokens per forward (and backward) pass: bounds the activations and logits held at once (a backward pass holds
+# every layer's activations for all its tokens); the results do not depend on it.
 BATCH_TOKENS = 2048
 
 
