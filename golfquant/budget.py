@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ _FIT_ROUNDS = 4  # encode -> correct the room
 _PRUNE_ROUNDS = 4  # prune -> encode confirmations
 _HEADER_GUESS = 2048  # bytes of header and manifest before the first encode
 _MANIFEST_PER_TENSOR = 160
+_SMALLEST_PRICED = 3  # candidates per tensor priced exactly to find the smallest artifact (estimates rank them)
 
 
 @dataclass
@@ -353,9 +355,12 @@ class _Run:
         # sections); every plan is then solved for the room that leaves.
         choice = self.solve("allocated", self.room - self._overhead_guess())
         least = choice is None
-        if least:
-            table = {n: [_Priced(self.exact_bytes(n, m.candidate), m.damage) for m in ms]
-                     for n, ms in self.measurement.tensors.items()}
+        if least:  # priced exactly: each tensor's few smallest by the table, where the smallest of all lies
+            table = {}
+            for n, ms in self.measurement.tensors.items():
+                few = sorted(range(len(ms)), key=lambda i: (ms[i].bytes, i))[:_SMALLEST_PRICED]
+                table[n] = [_Priced(self.exact_bytes(n, m.candidate) if i in few else math.inf, m.damage)
+                            for i, m in enumerate(ms)]
             choice = smallest(table)
         encoded = self._encode_choice(choice)
         overhead = encoded.info.total_bytes - self._free_bytes()
