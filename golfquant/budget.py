@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from golfquant.artifact import EncodedArtifact, encode_artifact, float_tensor_bytes
-from golfquant.cache import (cache_key, cache_paths, load_calibration, load_measurement, save_calibration,
-                             save_measurement, state_dict_digest)
+from golfquant.cache import (CALIBRATION_VERSION, cache_key, cache_paths, load_calibration, load_measurement,
+                             save_calibration, save_measurement, state_dict_digest)
 from golfquant.calib import heldout_tokens
 from golfquant.checkpoint import Checkpoint
 from golfquant.codec.rans import estimate_encoded_bytes
@@ -198,7 +198,8 @@ class _Run:
         if not (self.opts.needs_hessians and self.plan):
             return Calibration({}, {})
         path = cache_paths(cache)[0] if cache is not None and heldout else None
-        key = cache_key(self.digest, {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key()})
+        key = cache_key(self.digest, {"calib": dataclasses.asdict(self.opts.calib), "model": self._model_key()},
+                        CALIBRATION_VERSION)
         if path is not None:
             cached = on_main(lambda: load_calibration(path, key))
             if cached is not None:

@@ -33,9 +33,14 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def cache_key(digest: str, options: Mapping) -> str:
-    """The key of a cached calibration or measurement: the checkpoint's digest and the options that shaped it."""
-    text = json.dumps({"version": VERSION, "checkpoint": digest, "options": options}, sort_keys=True, default=str)
+CALIBRATION_VERSION = 1  # of the calibration's meaning: bump when its Hessians or held-out tokens change
+
+
+def cache_key(digest: str, options: Mapping, version: int = VERSION) -> str:
+    """The key of a cached measurement (version: measure.VERSION) or calibration (CALIBRATION_VERSION): the
+    checkpoint's digest and the options that shaped it. Two versions, so that a new measurement keeps the
+    calibration it was made from."""
+    text = json.dumps({"version": version, "checkpoint": digest, "options": options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

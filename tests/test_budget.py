@@ -8,13 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from golfquant import budget as budget_module
 from golfquant.api import QuantizeResult, quantize_checkpoint
 from golfquant.artifact import artifact_sizes, load_artifact, read_artifact
 from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import default_data_dir
 from golfquant.errors import OptionError
-from golfquant.measure import Candidate, candidate_grid
+from golfquant.measure import VERSION, Candidate, candidate_grid
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
 from golfquant.quant.lqer import LqerOptions
@@ -135,6 +136,16 @@ def test_measurement_is_cached_reused_and_invalidated(ckpt, sizes, tmp_path):
     # a damaged cache is measured again, never trusted
     (tmp_path / "a.measurement.json").write_text("{not json")
     (tmp_path / "a.calibration.safetensors").write_bytes(b"junk")
+    assert not quantize_checkpoint(ckpt, opts(budget), cache=stem).budget.measurement.cached
+
+
+def test_a_new_measurement_version_keeps_the_cached_calibration(ckpt, sizes, tmp_path, monkeypatch):
+    budget = (sizes[4] + sizes[8]) // 2
+    stem = tmp_path / "a"
+    quantize_checkpoint(ckpt, opts(budget), cache=stem)
+    real = budget_module.cache_key
+    monkeypatch.setattr(budget_module, "cache_key", lambda d, o, version=VERSION + 1: real(d, o, version))
+    monkeypatch.setattr(budget_module, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     assert not quantize_checkpoint(ckpt, opts(budget), cache=stem).budget.measurement.cached
 
 
