@@ -34,7 +34,7 @@ from golfquant.atomic import atomic_write_text
 from golfquant.calib import CalibConfig
 from golfquant.checkpoint import load_checkpoint
 from golfquant.data import default_val_pattern, load_tokens
-from golfquant.measure import candidate_grid, dequantized, entropy_bytes, stored
+from golfquant.measure import candidate_grid, dequantized, entropy_bytes, stored_values
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import build_float_model, calibrate, hessian_of
 from golfquant.plan import PlanOptions, make_plan
@@ -90,12 +90,13 @@ def run(label: str, path: Path, args) -> dict:
     rows, seconds = [], {s: 0.0 for s in SIGNALS} | {"truth": 0.0, "quantize": 0.0}
     for name in names:
         w, h, role = sd[name].float(), hessian_of(hessians, name), plan[name].role
-        prepared = quantizer.prepare(h)
-        for cand in candidate_grid(role, w.dim()):
-            t0 = time.perf_counter()
-            value = stored(w, cand, role, h, quantizer, prepared)
-            w_hat = dequantized(value)
+        grid = candidate_grid(role, w.dim())
+        t0 = time.perf_counter()
+        values = stored_values(w, grid, role, h, quantizer)
+        seconds["quantize"] += time.perf_counter() - t0
+        for cand, value in zip(grid, values):
             t1 = time.perf_counter()
+            w_hat = dequantized(value)
             if cand.bits is None:
                 proxy_err = hessian_weighted_error(w, w_hat, h)
             else:
@@ -112,7 +113,7 @@ def run(label: str, path: Path, args) -> dict:
             t5 = time.perf_counter()
             truth, delta_loss = plan_divergence(model, {name: w_hat}, val, val_ref)
             t6 = time.perf_counter()
-            for key, dt in (("quantize", t1 - t0), ("hessian proxy", t2 - t1), ("gptq error", t3 - t2),
+            for key, dt in (("hessian proxy", t2 - t1), ("gptq error", t3 - t2),
                             ("fisher", t4 - t3), ("kl probe", t5 - t4), ("truth", t6 - t5)):
                 seconds[key] += dt
             rows.append({"name": name, "candidate": cand.key, "bits": cand.bits, "bytes": entropy_bytes(value),

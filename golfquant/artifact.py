@@ -171,6 +171,7 @@ def _smallest(candidates: list[_Section]) -> _Section:
 _EXHAUSTIVE_BELOW = 16384
 _FAST_TRIES = 2
 _FAST_MARGIN = 0.03
+_PRICE_CODEC = "lzma"  # float_tensor_bytes of a large tensor
 
 
 def _encode_codes(kind_name: str, codes: torch.Tensor, bits: int, byte_codecs: list[str], codes_codecs: list[str],
@@ -224,9 +225,13 @@ def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: 
 
 
 def float_tensor_bytes(t: torch.Tensor, exhaustive: bool = False) -> int:
-    """What a float tensor costs alone in a data section, compressed as the writer would: the budget prices float
-    candidates with it, since a tensor of near-identical rows (an embedding's rarely seen tokens) shrinks a lot."""
-    return len(_encode_bytes("data", "", _raw_bytes(t), t.element_size(), list(BYTE_CODECS), exhaustive).blob)
+    """What a float tensor costs alone in a data section, compressed about as the writer would: the budget prices
+    float candidates with it, since a tensor of near-identical rows (an embedding's rarely seen tokens) shrinks a
+    lot. Past _EXHAUSTIVE_BELOW bytes (unless exhaustive) only with _PRICE_CODEC, which sees such repeats at a
+    fraction of brotli's time; the budget's fit corrects the rest."""
+    raw = _raw_bytes(t)
+    codecs = list(BYTE_CODECS) if exhaustive or len(raw) <= _EXHAUSTIVE_BELOW else [_PRICE_CODEC]
+    return len(_encode_bytes("data", "", raw, t.element_size(), codecs, exhaustive).blob)
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:

@@ -54,7 +54,9 @@ from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, 
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
+from golfquant.quant.gptq import PreparedHessian
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
+from golfquant.quant.qtensor import Rotation
 from golfquant.quant.rotate import rotate_hessian, rotation_for
 from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
@@ -160,6 +162,7 @@ class _Run:
         self._reference: list[torch.Tensor] | None = None
         self.values: dict[tuple[str, str], tuple[QuantizedTensor | torch.Tensor, TensorReport | None]] = {}
         self.exact: dict[tuple[str, str], float] = {}
+        self._prepared: dict[tuple[str, Rotation | None], list[PreparedHessian] | None] = {}  # GPTQ factorisations
         self.choice: dict[str, Candidate] = {}
         self.confirmed: dict[str, Candidate] = {}  # the plan the confirmation chose, before fitting
         self.override: dict[str, QuantizedTensor] = {}  # pruned tensors
@@ -269,8 +272,10 @@ class _Run:
                 self.values[key] = (cast_to_scheme(self.sd[name], cand.scheme), None)
             else:
                 h = hessian_of(self.calibration.hessians, name)
+                if (name, cand.rotation) not in self._prepared:
+                    self._prepared[(name, cand.rotation)] = self.opts.quantizer.prepare(h, cand.rotation)
                 self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer,
-                                                   cand.salient, cand.rotation)
+                                                   cand.salient, cand.rotation, self._prepared[(name, cand.rotation)])
         return self.values[key][0]
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:
@@ -352,36 +357,40 @@ class _Run:
     # ------------------------------------------------------------------------------------------ the search
 
     def fit_allocated(self) -> EncodedArtifact:
-        # A first encode measures what the size model does not see (manifest, compression of the shared
-        # sections); every plan is then solved for the room that leaves.
-        choice = self.solve("allocated", self.room - self._overhead_guess())
-        least = choice is None
-        if least:  # priced exactly: each tensor's few smallest by the table, where the smallest of all lies
+        # Every plan is solved for the room left by a guess of what the size model does not see (manifest,
+        # compression of the shared sections); encoding the chosen plan measures it, and the plan is solved again
+        # for the real room when the artifact misses the budget.
+        overhead, least, encoded = self._overhead_guess(), None, None
+        if self.solve("allocated", self.room - overhead) is None:
+            # priced exactly: each tensor's few smallest by the table, where the smallest of all lies
             table = {}
             for n, ms in self.measurement.tensors.items():
                 few = sorted(range(len(ms)), key=lambda i: (ms[i].bytes, i))[:_SMALLEST_PRICED]
                 table[n] = [_Priced(self.exact_bytes(n, m.candidate) if i in few else math.inf, m.damage)
                             for i, m in enumerate(ms)]
-            choice = smallest(table)
-        encoded = self._encode_choice(choice)
-        overhead = encoded.info.total_bytes - self._free_bytes()
-        if least and encoded.info.total_bytes > self.room:
-            raise OptionError(f"budget {self.opts.budget:,} bytes cannot be met: the smallest reachable artifact is "
-                              f"{encoded.info.total_bytes:,} bytes + {self.opts.budget - self.room:,} code bytes; "
-                              "raise the budget, or free the widths fixed by --mlp/--attn/--embed/--other/--rule")
+            least = smallest(table)
+            encoded = self._encode_choice(least)
+            if encoded.info.total_bytes > self.room:
+                raise OptionError(f"budget {self.opts.budget:,} bytes cannot be met: the smallest reachable artifact "
+                                  f"is {encoded.info.total_bytes:,} bytes + {self.opts.budget - self.room:,} code "
+                                  "bytes; raise the budget, or free the widths fixed by --mlp/--attn/--embed/--other/"
+                                  "--rule")
+            overhead = encoded.info.total_bytes - self._free_bytes()
         choices = {f: self.solve(f, self.room - overhead) for f in self.families()}
         with self.timed("confirm"):
             self._confirm(choices, overhead)
         if self.chosen is None:  # the smallest plan fits, but none of the families' plans did
-            choices["allocated"] = choice
+            choices["allocated"] = least
             self.chosen = "allocated"
             for row in self.rows:
                 row.chosen = row.plan == "allocated"
         choice = choices[self.chosen]
         self.confirmed = {n: self._cand(n, i) for n, i in choice.items()}
         while True:
-            # re-encode for a new choice, or for the manifest to name the plan (the first encode came before it)
-            if {n: self._cand(n, i) for n, i in choice.items()} != self.choice or self.encoded_plan != self.chosen:
+            # encode a new choice, or again for the manifest to name the plan (an encode of the smallest plan
+            # came before the plans)
+            if encoded is None or {n: self._cand(n, i) for n, i in choice.items()} != self.choice \
+                    or self.encoded_plan != self.chosen:
                 encoded = self._encode_choice(choice)
             real = encoded.info.total_bytes
             if (1 - BUDGET_TOLERANCE) * self.room <= real <= self.room or self.encodes >= _FIT_ROUNDS:

@@ -37,11 +37,11 @@ from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip, record_k
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor, Rotation
-from golfquant.quant.quantize import Quantizer
+from golfquant.quant.quantize import Quantizer, Setting
 from golfquant.quant.rotate import SEED
 from golfquant.quant.salient import SalientOptions
 
-VERSION = 4  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 5  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8
@@ -145,13 +145,21 @@ class Measured:
     damage: float
 
 
-def stored(w: torch.Tensor, cand: Candidate, role: str, hessian: torch.Tensor | None, quantizer: Quantizer,
-           prepared=None) -> QuantizedTensor | torch.Tensor:
-    """The value the artifact holds for w under `cand`: a QuantizedTensor, or the fp16 tensor."""
-    if cand.bits is None:
-        return cast_to_scheme(w, FLOAT_SCHEME)
-    return quantizer(w, cand.bits, cand.clip, role, hessian, cand.lqer, prepared, errors=False,
-                     salient=cand.salient, rotation=cand.rotation)[0]
+def stored_values(w: torch.Tensor, cands: list[Candidate], role: str, hessian: torch.Tensor | None,
+                  quantizer: Quantizer) -> list[QuantizedTensor | torch.Tensor]:
+    """The value the artifact holds for w under each candidate: a QuantizedTensor, or the fp16 tensor. Candidates
+    that differ only by an LQER correction share the codes of their base, and those of one rotation the GPTQ
+    factorisation of the Hessian and its sweeps (Quantizer.many: the values of separate calls)."""
+    bases = list(dict.fromkeys(dataclasses.replace(c, lqer=None) for c in cands if c.bits is not None))
+    base: dict[Candidate, QuantizedTensor] = {}
+    for rotation in dict.fromkeys(c.rotation for c in bases):
+        group = [c for c in bases if c.rotation == rotation]
+        got = quantizer.many(w, [Setting(c.bits, c.clip, None, c.salient) for c in group], role, hessian,
+                             quantizer.prepare(hessian, rotation), errors=False, rotation=rotation)
+        base.update((c, qt) for c, (qt, _) in zip(group, got))
+    return [cast_to_scheme(w, FLOAT_SCHEME) if c.bits is None else base[c] if c.lqer is None
+            else apply_lqer(base[dataclasses.replace(c, lqer=None)], w, c.lqer.rank, c.lqer.a_bits, c.lqer.b_bits,
+                            c.lqer.group, hessian) for c in cands]
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
@@ -214,9 +222,8 @@ Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) 
 def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Candidate]], roles: Mapping[str, str],
             hessians: Mapping[str, torch.Tensor | None], quantizer: Quantizer, damage: Damage, key: str,
             info: MeasurementInfo, progress: Callable[[int, int], None] | None = None) -> Measurement:
-    """The table for the tensors of `grids`: each candidate's stored value priced and its damage measured.
-    Candidates that differ only by an LQER correction share the codes of their base, and those of one rotation
-    the GPTQ factorisation of their Hessian."""
+    """The table for the tensors of `grids`: each candidate's stored value (stored_values) priced and its damage
+    measured."""
     start = time.perf_counter()
     names = list(grids)
 
@@ -238,29 +245,11 @@ def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str,
     total, done = sum(len(g) for g in grids.values()), 0
     for name, grid in grids.items():
         w = state_dict[name].float()
-        h = hessians.get(name)
-        prepared = {}  # rotation -> the GPTQ factorisation of the Hessian in its basis
-        base: dict[Candidate, QuantizedTensor] = {}
         rows = []
-        for cand in grid:
-            plain = dataclasses.replace(cand, lqer=None)
-            if cand.lqer is not None and plain in base:
-                value = _with_lqer(base[plain], w, cand.lqer, h)
-            else:
-                if cand.bits is not None and cand.rotation not in prepared:
-                    prepared[cand.rotation] = quantizer.prepare(h, cand.rotation)
-                value = stored(w, cand, roles[name], h, quantizer, prepared.get(cand.rotation))
-                if cand.lqer is None and cand.bits is not None:
-                    base[cand] = value
+        for cand, value in zip(grid, stored_values(w, grid, roles[name], hessians.get(name), quantizer)):
             rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value))))
             done += 1
             if progress is not None:
                 progress(done, total)
         tensors[name] = rows
     return tensors
-
-
-def _with_lqer(qt: QuantizedTensor, w: torch.Tensor, lqer: LqerOptions, h: torch.Tensor | None) -> QuantizedTensor:
-    return apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, h)
-
-

@@ -21,6 +21,7 @@ from golfquant.options import QuantizeOptions
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.clip import ClipSpec, hessian_weighted_error
+from golfquant.quant.gptq import PreparedHessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
 from golfquant.quant.qtensor import Rotation
 from golfquant.quant.salient import SalientOptions
@@ -141,11 +142,13 @@ def salient_for(opts: QuantizeOptions, t: torch.Tensor, bits: int, h: torch.Tens
 
 def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, h: torch.Tensor | None,
                     opts: QuantizeOptions, lqer: LqerOptions | None = None, salient: SalientOptions | None = None,
-                    rotation: Rotation | None = None) -> tuple[QuantizedTensor, TensorReport]:
+                    rotation: Rotation | None = None, prepared: list[PreparedHessian] | None = None
+                    ) -> tuple[QuantizedTensor, TensorReport]:
     """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), optionally
-    with salient column groups and in a rotated basis, and its report row."""
+    with salient column groups and in a rotated basis, and its report row. `prepared`: opts.quantizer.prepare(h,
+    rotation), when the caller has it."""
     start = time.perf_counter()
-    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, salient=salient, rotation=rotation)
+    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, prepared, salient=salient, rotation=rotation)
     report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "rtn", 0.0)
     if stats is not None:
         ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0

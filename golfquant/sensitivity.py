@@ -29,12 +29,15 @@ parameter bank) has no estimate (`damage` returns None); callers measure it with
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from golfquant.calib import Hessian, hessian_targets, model_logits
 
@@ -123,11 +126,13 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     def on_embedding(name: str, vocab: int):
         def hook(_mod, args, out):
             ids = args[0].reshape(-1)
-            if out.requires_grad:
-                def grad_hook(g):
-                    acc = in_acc.setdefault(name, torch.zeros(vocab, g.shape[-1], dtype=torch.float32, device=g.device))
-                    acc.index_add_(0, ids, (g.detach().float() ** 2).reshape(-1, g.shape[-1]))
-                out.register_hook(grad_hook)
+            out = out.detach().requires_grad_()  # a leaf: every later output gets its gradient, no weight does
+
+            def grad_hook(g):
+                acc = in_acc.setdefault(name, torch.zeros(vocab, g.shape[-1], dtype=torch.float32, device=g.device))
+                acc.index_add_(0, ids, (g.detach().float() ** 2).reshape(-1, g.shape[-1]))
+            out.register_hook(grad_hook)
+            return out
         return hook
 
     hidden: list[torch.Tensor] = []
@@ -145,12 +150,13 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     head_h, head_p, head_c = [], [], []
     cap = _softcap(model)
     was_training = model.training
-    frozen = [p for p in model.parameters() if not p.requires_grad]  # a frozen model still needs its gradients
-    for p in frozen:
+    # Gradients start at the embedding outputs (leaves); a model without an nn.Embedding needs its parameters'.
+    needs_grad = [] if embeddings else [p for p in model.parameters() if not p.requires_grad]
+    for p in needs_grad:
         p.requires_grad_(True)
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _checkpointed(model):
             for start in range(0, n_seq, _sequences_per_pass(tokens)):
                 seq = tokens[start:start + _sequences_per_pass(tokens)].to(device)
                 hidden.clear()
@@ -164,12 +170,13 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
                     head_p.append(torch.softmax(z, dim=-1).reshape(-1, z.shape[-1]))
                     slope = 1.0 - (z / cap) ** 2 if cap is not None else torch.ones_like(z)
                     head_c.append(slope.reshape(-1, z.shape[-1]))
+                del logits, loss
     finally:
         for h in handles:
             h.remove()
         for p in model.parameters():
             p.grad = None
-        for p in frozen:
+        for p in needs_grad:
             p.requires_grad_(False)
         model.train(was_training)
     count = n_seq * (tokens.shape[1] - 1)
@@ -178,6 +185,26 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
         head[emb] = HeadFisher(torch.cat(head_h), torch.cat(head_p), torch.cat(head_c))
     return Sensitivity({k: v / count for k, v in out_acc.items()}, {k: v / count for k, v in in_acc.items()},
                        head, hessians, count, device)
+
+
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module):
+    """Every module of the model's nn.ModuleLists (a transformer's blocks) recomputed in the backward pass instead
+    of holding its activations: the backward's memory falls to about one block's. Hooks inside a block run again
+    in the recomputation, on tensors the backward never reaches, so what they collect is unchanged."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # modules already recomputed as part of a block
+    for lst in model.modules():
+        if isinstance(lst, nn.ModuleList) and id(lst) not in inside:
+            blocks += lst
+            inside.update(id(x) for m in lst for x in m.modules())
+    for m in blocks:
+        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward
 
 
 def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

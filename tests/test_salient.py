@@ -18,11 +18,12 @@ from golfquant.export import artifact_features, loader_source, packed_loader
 from golfquant.measure import Candidate, candidate_grid, measure, salient_fits
 from golfquant.options import QuantizeOptions
 from golfquant.plan import PlanOptions
+from golfquant.quant import gptq
 from golfquant.quant.clip import parse_clip, round_codes, row_scales
 from golfquant.quant.gptq import gptq_quantize, prepare_hessian
 from golfquant.quant.lqer import LqerOptions
-from golfquant.quant.qtensor import qmax
-from golfquant.quant.quantize import Quantizer
+from golfquant.quant.qtensor import Rotation, qmax
+from golfquant.quant.quantize import Quantizer, Setting
 from golfquant.quant.salient import SalientOptions, select_groups
 from golfquant_cli.main import cli
 from golfquant_cli.options import parse_salient
@@ -290,3 +291,19 @@ def test_budget_buys_salient_groups_deterministically(ckpt, tmp_path, monkeypatc
     for t in art.manifest["tensors"]:  # the plan's choice is what the artifact holds
         assert ("salient" in t) == ("+salient" in allocation.get(t["name"], "")), t["name"]
     assert chosen.total_bytes <= 80000
+
+
+@pytest.mark.parametrize("rotation", [None, Rotation(64, 0)])
+def test_settings_sharing_a_sweep_get_the_codes_of_separate_calls(rotation, monkeypatch):
+    # Quantizer.many stacks the settings of one matrix into shared GPTQ sweeps (the budget's measurement); a small
+    # batch bound splits them over several sweeps as well.
+    monkeypatch.setattr(gptq, "_BATCH_ELEMENTS", 2 * 32 * 256)
+    w, h = case(2)
+    settings = [Setting(4, CLIP), Setting(3, parse_clip("sdclip:4.24")), Setting(6, parse_clip("sdclip:12.85")),
+                Setting(5, CLIP, LqerOptions(rank=4)), Setting(4, CLIP, salient=TOP1)]
+    q = Quantizer(block_size=64)
+    together = q.many(w, settings, None, h, q.prepare(h, rotation), errors=True, rotation=rotation)
+    for st, (qt, stats) in zip(settings, together):
+        alone, alone_stats = q(w, st.bits, st.clip, None, h, st.lqer, salient=st.salient, rotation=rotation)
+        assert torch.equal(qt.dequantize(), alone.dequantize()) and torch.equal(qt.codes, alone.codes)
+        assert stats.hessian_error == alone_stats.hessian_error

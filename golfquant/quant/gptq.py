@@ -3,7 +3,8 @@
 The algorithm is the reference one (IST-DASLab/gptq, as in the Parameter Golf records): dead columns zeroed,
 percent damping, act-order, the upper Cholesky factor of H⁻¹, 128-column blocks with in-block error feedback
 and a lazy batch update of the remaining columns. Differences: the factorisations run in fp64 (the sweep in
-fp32), and a failed Cholesky is never hidden: the damping escalates ×10 a few times, then H is shifted by its
+fp32); the in-block feedback is regrouped into 16-column steps; several settings of one matrix (the budget's
+candidates) share one sweep; and a failed Cholesky is never hidden: the damping escalates ×10 a few times, then H is shifted by its
 most negative eigenvalue; the damping finally used is recorded in GPTQStats. A non-finite H raises DataError.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,12 +22,14 @@ from golfquant.quant.clip import hessian_weighted_error
 from golfquant.quant.qtensor import QuantizedTensor, SalientColumns
 from golfquant.quant.salient import column_quantizers, round_mixed, split
 
-__all__ = ["GPTQStats", "PreparedHessian", "gptq_quantize", "hessian_weighted_error", "inverse_cholesky",
-           "prepare_hessian"]
+__all__ = ["GPTQStats", "PreparedHessian", "Setting", "gptq_quantize", "gptq_quantize_many", "hessian_weighted_error",
+           "inverse_cholesky", "prepare_hessian"]
 
 log = logging.getLogger(__name__)
 ESCALATIONS = 3  # damp, 10·damp, 100·damp, 1000·damp, then the eigenvalue shift
 _FIRST_ESCALATED_DAMP = 0.01  # when the caller asked for damp = 0
+_SUB_BLOCK = 16  # columns per in-block product (benchmarks/gptq_speed.py)
+_BATCH_ELEMENTS = 1 << 23  # weights per shared sweep: bounds its fp32 buffers at 32 MiB each
 
 
 @dataclass
@@ -103,6 +107,15 @@ def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool =
     return out
 
 
+class Setting(NamedTuple):
+    """One way to round a matrix in a GPTQ sweep: its width, fp16 row scales [rows] (or [S, rows]) and optional
+    salient columns (golfquant.quant.salient.salient_template)."""
+
+    bits: int
+    scales: torch.Tensor
+    salient: SalientColumns | None = None
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: torch.Tensor, block_size: int = 128,
                   act_order: bool = True, damp: float = 0.01, prepared: list[PreparedHessian] | None = None,
                   errors: bool = True, salient: SalientColumns | None = None) -> tuple[QuantizedTensor, GPTQStats]:
@@ -111,6 +124,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: tor
     several candidates against one H. errors=False skips the Hessian-weighted errors of GPTQ and RTN in the
     stats (None). `salient` (golfquant.quant.salient.salient_template): columns rounded at their own row scales
     and width in the same sweep. Deterministic for a given torch build and thread count."""
+    return gptq_quantize_many(w, hessian, [Setting(bits, scales, salient)], block_size, act_order, damp, prepared,
+                              errors)[0]
+
+
+def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Setting], block_size: int = 128,
+                       act_order: bool = True, damp: float = 0.01, prepared: list[PreparedHessian] | None = None,
+                       errors: bool = True) -> list[tuple[QuantizedTensor, GPTQStats]]:
+    """gptq_quantize of one w at several settings in shared sweeps: each setting's copy of the rows goes through
+    the same operations as alone (the codes are those of separate calls), while the per-column steps run once
+    for up to _BATCH_ELEMENTS weights."""
     start = time.perf_counter()
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -118,51 +141,80 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: tor
         raise ValueError(f"gptq_quantize expects a 2-D or 3-D weight, got shape {tuple(w.shape)}")
     slices = w.shape[0] if w.dim() == 3 else 1
     cols = w.shape[-1]
-    if tuple(hessian.shape[-2:]) != (cols, cols) or tuple(scales.shape) != tuple(w.shape[:-1]):
-        raise ValueError(f"weight {tuple(w.shape)} needs H [{cols}, {cols}] and scales {list(w.shape[:-1])}, "
-                         f"got {tuple(hessian.shape)} and {tuple(scales.shape)}")
+    for st in settings:
+        if tuple(hessian.shape[-2:]) != (cols, cols) or tuple(st.scales.shape) != tuple(w.shape[:-1]):
+            raise ValueError(f"weight {tuple(w.shape)} needs H [{cols}, {cols}] and scales {list(w.shape[:-1])}, "
+                             f"got {tuple(hessian.shape)} and {tuple(st.scales.shape)}")
     prepared = prepared or prepare_hessian(hessian, damp, act_order)
     if len(prepared) == 1 and slices > 1:
         prepared = prepared * slices
-    ws, ss = (w, scales) if w.dim() == 3 else (w[None], scales[None])
-    sal = [None] * len(ws) if salient is None else [
-        dataclasses.replace(salient, scales=si) for si in (salient.scales if w.dim() == 3 else salient.scales[None])]
-    codes = torch.stack([_gptq_2d(wi, p, *column_quantizers(si, bits, cols, sa), block_size)
-                         for wi, p, si, sa in zip(ws, prepared, ss, sal)])
-    qt = split(codes if w.dim() == 3 else codes[0], scales, bits, salient)
-    hessian_error = rtn_error = None
-    if errors:
-        h = hessian.float()
-        rtn = round_mixed(w, scales, bits, salient)
-        hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
-        rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
-    stats = GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared), hessian_error,
-                      rtn_error, time.perf_counter() - start)
-    return qt, stats
+    ws = w if w.dim() == 3 else w[None]
+    per_slice = [[None if st.salient is None else dataclasses.replace(st.salient, scales=st.salient.scales[i])
+                  for i in range(slices)] if w.dim() == 3 else [st.salient] for st in settings]
+    chunk = max(1, _BATCH_ELEMENTS // ws[0].numel())
+    codes = [[] for _ in settings]  # per setting, per slice
+    for i, (wi, p) in enumerate(zip(ws, prepared)):
+        for c0 in range(0, len(settings), chunk):
+            part = range(c0, min(c0 + chunk, len(settings)))
+            quantizers = [column_quantizers(settings[k].scales if w.dim() == 2 else settings[k].scales[i],
+                                            settings[k].bits, cols, per_slice[k][i]) for k in part]
+            for k, c in zip(part, _gptq_2d(wi, p, quantizers, block_size)):
+                codes[k].append(c)
+    sweep = (time.perf_counter() - start) / len(settings)
+    out = []
+    for st, cs in zip(settings, codes):
+        start = time.perf_counter()
+        qt = split(torch.stack(cs) if w.dim() == 3 else cs[0], st.scales, st.bits, st.salient)
+        hessian_error = rtn_error = None
+        if errors:
+            h = hessian.float()
+            rtn = round_mixed(w, st.scales, st.bits, st.salient)
+            hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
+            rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
+        out.append((qt, GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared),
+                                  hessian_error, rtn_error, sweep + time.perf_counter() - start)))
+    return out
 
 
-def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, scales: torch.Tensor, bound: list[int], block_size: int
-             ) -> torch.Tensor:
-    """Codes of one matrix; column c is rounded at the row scales scales[c] and clamped to ±bound[c]
-    (salient.column_quantizers: one width and scale vector for all columns but salient groups)."""
+def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torch.Tensor, list[int]]],
+             block_size: int) -> torch.Tensor:
+    """Codes [K, rows, cols] of one matrix w [rows, cols] at K settings; with setting k, column c is rounded at
+    the row scales quantizers[k][0][c] and clamped to ±quantizers[k][1][c] (salient.column_quantizers). The K
+    copies of w are stacked [K·rows, cols]: the per-column steps are elementwise, and every matrix product is
+    taken per copy (_per_copy), so each copy's codes are those it gets alone."""
     rows, cols = w.shape
     w = w.float().clone()
     w[:, prep.dead] = 0.0
-    w = w[:, prep.perm]
+    w = w[:, prep.perm].repeat(len(quantizers), 1)
+    perm = prep.perm.to(w.device)
+    scales = torch.cat([s.to(w.device)[perm] for s, _ in quantizers], dim=1)  # [cols, K·rows]
+    bound = torch.cat([torch.tensor(b, dtype=torch.float32, device=w.device)[perm, None].expand(cols, rows)
+                       for _, b in quantizers], dim=1)
     hinv = prep.hinv
-    order = prep.perm.tolist()
-    q = torch.empty(rows, cols, device=w.device)
+    q = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
-        err1 = torch.empty(rows, i2 - i1, device=w.device)
+        err1 = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col, s, r = w1[:, j], scales[order[i1 + j]], bound[order[i1 + j]]
-            qj = torch.clamp(torch.round(col / s), -r, r)  # the same expression as round_codes
-            q[:, i1 + j] = qj
-            err = (col - qj * s) / h1[j, j]
-            w1[:, j + 1:] -= torch.outer(err, h1[j, j + 1:])
-            err1[:, j] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(prep.perm)].to(torch.int8)
+        # Within the block, each column's error reaches the next columns of its sub-block at once and the rest
+        # of the block by one product per sub-block: the reference arithmetic, regrouped.
+        for j1 in range(0, i2 - i1, _SUB_BLOCK):
+            j2 = min(j1 + _SUB_BLOCK, i2 - i1)
+            for j in range(j1, j2):
+                col, s, r = w1[:, j], scales[i1 + j], bound[i1 + j]
+                qj = torch.minimum(torch.maximum(torch.round(col / s), -r), r)  # round_codes, per-row bounds
+                q[:, i1 + j] = qj
+                err = (col - qj * s) / h1[j, j]
+                w1[:, j + 1:j2].addr_(err, h1[j, j + 1:j2], alpha=-1)
+                err1[:, j] = err
+            _per_copy(w1[:, j2:], err1[:, j1:j2], h1[j1:j2, j2:], rows)
+        _per_copy(w[:, i2:], err1, hinv[i1:i2, i2:], rows)
+    return q[:, torch.argsort(perm)].to(torch.int8).reshape(len(quantizers), rows, cols)
+
+
+def _per_copy(target: torch.Tensor, err: torch.Tensor, h: torch.Tensor, rows: int) -> None:
+    """target -= err @ h, one copy's rows at a time: the product's shapes, hence its rounding, are those of one
+    setting alone."""
+    for r in range(0, target.shape[0], rows):
+        target[r:r + rows] -= err[r:r + rows] @ h

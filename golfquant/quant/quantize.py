@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from golfquant.quant.clip import ClipSpec, row_scales
-from golfquant.quant.gptq import GPTQStats, PreparedHessian, gptq_quantize, prepare_hessian
+from golfquant.quant import gptq
+from golfquant.quant.gptq import GPTQStats, PreparedHessian, prepare_hessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import QuantizedTensor, Rotation
 from golfquant.quant.rotate import rotate, rotate_hessian
@@ -22,6 +24,15 @@ from golfquant.quant.salient import SalientOptions, main_part, salient_template
 METHODS = ("gptq", "rtn")
 # Clip methods that read the tensor's Hessian; tensors without one fall back to plain k·std clipping.
 HESSIAN_CLIPS = ("hsdclip",)
+
+
+class Setting(NamedTuple):
+    """One way to store a matrix: its width, clip, and optional LQER correction and salient column groups."""
+
+    bits: int
+    clip: ClipSpec
+    lqer: LqerOptions | None = None
+    salient: SalientOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -57,23 +68,38 @@ class Quantizer:
         Hessian). With `rotation` everything (saliency and the salient split, scales, GPTQ, LQER, the stats)
         happens to W·R against Rᵀ·H·R, and the result records the rotation its dequantization undoes; `prepared`
         must then be of the rotated Hessian (prepare(hessian, rotation))."""
+        return self.many(w, [Setting(bits, clip, lqer, salient)], role, hessian, prepared, errors, rotation)[0]
+
+    def many(self, w: torch.Tensor, settings: list[Setting], role: str | None, hessian: torch.Tensor | None,
+             prepared: list[PreparedHessian] | None = None, errors: bool = True, rotation: Rotation | None = None
+             ) -> list[tuple[QuantizedTensor, GPTQStats | None]]:
+        """`self(...)` of w at each setting, the same values, with GPTQ's sweeps shared (gptq_quantize_many)."""
         device = self.device or w.device
         w = w.to(device).float()
         hessian = None if hessian is None else hessian.to(device)
         if rotation is not None:
             w = rotate(w, rotation)
             hessian = None if hessian is None else rotate_hessian(hessian, rotation)
-        if clip.method in HESSIAN_CLIPS and hessian is None:
-            clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
-        stats = None
-        sal = salient_template(w, hessian, bits, salient) if salient is not None and salient.top > 0 else None
+        resolved = []  # (bits, clip, salient columns) as the quantizer sees them
+        for st in settings:
+            clip = st.clip
+            if clip.method in HESSIAN_CLIPS and hessian is None:
+                clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
+            sal = salient_template(w, hessian, st.bits, st.salient) if st.salient is not None and st.salient.top > 0 \
+                else None
+            resolved.append((st.bits, clip, sal))
         if self.method == "gptq" and hessian is not None:
-            main, main_h = main_part(w, hessian, sal)
-            scales = row_scales(main, bits, clip, main_h, role)
-            qt, stats = gptq_quantize(w, hessian, bits, scales, self.block_size, self.act_order, self.damp, prepared,
-                                      errors, sal)
+            rounds = []
+            for bits, clip, sal in resolved:
+                main, main_h = main_part(w, hessian, sal)
+                rounds.append(gptq.Setting(bits, row_scales(main, bits, clip, main_h, role), sal))
+            out = gptq.gptq_quantize_many(w, hessian, rounds, self.block_size, self.act_order, self.damp, prepared,
+                                          errors)
         else:
-            qt = quantize_rtn(w, bits, clip, role, hessian, sal)
-        if lqer is not None and lqer.rank > 0:
-            qt = apply_lqer(qt, w, lqer.rank, lqer.a_bits, lqer.b_bits, lqer.group, hessian)
-        return dataclasses.replace(qt, rotation=rotation).to("cpu"), stats
+            out = [(quantize_rtn(w, bits, clip, role, hessian, sal), None) for bits, clip, sal in resolved]
+        results = []
+        for st, (qt, stats) in zip(settings, out):
+            if st.lqer is not None and st.lqer.rank > 0:
+                qt = apply_lqer(qt, w, st.lqer.rank, st.lqer.a_bits, st.lqer.b_bits, st.lqer.group, hessian)
+            results.append((dataclasses.replace(qt, rotation=rotation).to("cpu"), stats))
+        return results
