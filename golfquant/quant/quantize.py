@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from golfquant.quant.clip import ClipSpec, row_scales
 from golfquant.quant import gptq
+from golfquant.quant.clip import ClipSpec, row_scales
 from golfquant.quant.gptq import GPTQStats, PreparedHessian, prepare_hessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer
 from golfquant.quant.qtensor import QuantizedTensor, Rotation
