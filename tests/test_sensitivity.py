@@ -1,12 +1,14 @@
 """The damage `--budget` buys with: second-order KL from Fisher diagonals, checked against measured KL."""
 from __future__ import annotations
 
+import contextlib
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from golfquant import sensitivity
 from golfquant.api import quantize_checkpoint
 from golfquant.calib import CalibConfig, generate_tokens, heldout_tokens
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
@@ -115,3 +117,17 @@ def test_a_matrix_without_a_signal_is_measured_with_forward_passes(tmp_path):
     r = quantize_checkpoint(tmp_path / "bank.pt", opts)
     assert r.total_bytes <= 6000
     assert {a.name for a in r.budget.allocation} == {"embed.weight", "w", "head.weight"}
+
+
+def test_recomputed_blocks_change_no_signal(bundled, monkeypatch):
+    # The backward pass recomputes each block to bound its memory, and starts from the embedding outputs (no
+    # weight gradients): what it collects must be what holding every activation collects.
+    _, model, cal, sens, _ = bundled
+    monkeypatch.setattr(sensitivity, "_checkpointed", lambda _model: contextlib.nullcontext())
+    plain = measure_sensitivity(model, cal.heldout, cal.hessians)
+    assert set(plain.out_fisher) == set(sens.out_fisher) and set(plain.in_fisher) == set(sens.in_fisher) == {
+        "tok_emb.weight"}
+    for name, f in [*sens.out_fisher.items(), *sens.in_fisher.items()]:
+        torch.testing.assert_close((plain.out_fisher | plain.in_fisher)[name], f, rtol=1e-5, atol=0)
+    assert torch.equal(plain.head["tok_emb.weight"].probs, sens.head["tok_emb.weight"].probs)
+    assert all(p.grad is None for p in model.parameters())
