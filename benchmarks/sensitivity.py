@@ -94,7 +94,7 @@ def run(label: str, path: Path, args) -> dict:
         t0 = time.perf_counter()
         values = stored_values(w, grid, role, h, quantizer)
         seconds["quantize"] += time.perf_counter() - t0
-        for cand, value in zip(grid, values):
+        for cand, (value, _) in zip(grid, values):
             t1 = time.perf_counter()
             w_hat = dequantized(value)
             if cand.bits is None:

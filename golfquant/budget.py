@@ -243,8 +243,8 @@ class _Run:
         with self.timed("sensitivity"):
             sens = measure_sensitivity(self.model, held, hessians)
 
-        def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-            d = sens.damage(name, w, w_hat)
+        def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor, row_errors: torch.Tensor | None) -> float:
+            d = sens.damage(name, w, w_hat, row_errors)
             return d if d is not None else self.kl({name: w_hat})
 
         roles = {n: self.plan[n].role for n in grids}

@@ -19,7 +19,8 @@ With `--rotate hadamard` every integer candidate (salient ones included) is quan
 Bytes: the order-0 entropy of the codes, the fp16 row scales, the LQER factors' and salient groups' codes and
 scales; fp16 is two bytes per element. The coder lands within a few % of the entropy; the budget search prices
 what it picks with the coder's own size model. Damage: golfquant.sensitivity, in nats per token, from the codes the
-quantizer actually produces (GPTQ when calibrating); a tensor without a sensitivity signal is measured with a
+quantizer actually produces (GPTQ when calibrating, whose sweep gives the Hessian-weighted row errors the damage
+needs: golfquant.quant.gptq); a tensor without a sensitivity signal is measured with a
 forward pass per candidate (`plan_divergence`).
 """
 from __future__ import annotations
@@ -146,20 +147,28 @@ class Measured:
 
 
 def stored_values(w: torch.Tensor, cands: list[Candidate], role: str, hessian: torch.Tensor | None,
-                  quantizer: Quantizer) -> list[QuantizedTensor | torch.Tensor]:
-    """The value the artifact holds for w under each candidate: a QuantizedTensor, or the fp16 tensor. Candidates
-    that differ only by an LQER correction share the codes of their base, and those of one rotation the GPTQ
-    factorisation of the Hessian and its sweeps (Quantizer.many: the values of separate calls)."""
+                  quantizer: Quantizer) -> list[tuple[QuantizedTensor | torch.Tensor, torch.Tensor | None]]:
+    """The value the artifact holds for w under each candidate (a QuantizedTensor, or the fp16 tensor) and, where
+    a GPTQ sweep made it, its row errors diag((W - Ŵ) H (W - Ŵ)ᵀ). Candidates that differ only by an LQER
+    correction share the codes of their base, and those of one rotation the GPTQ factorisation of the Hessian and
+    its sweeps (Quantizer.many: the values of separate calls)."""
     bases = list(dict.fromkeys(dataclasses.replace(c, lqer=None) for c in cands if c.bits is not None))
-    base: dict[Candidate, QuantizedTensor] = {}
+    base: dict[Candidate, tuple[QuantizedTensor, torch.Tensor | None]] = {}
     for rotation in dict.fromkeys(c.rotation for c in bases):
         group = [c for c in bases if c.rotation == rotation]
         got = quantizer.many(w, [Setting(c.bits, c.clip, None, c.salient) for c in group], role, hessian,
                              quantizer.prepare(hessian, rotation), errors=False, rotation=rotation)
-        base.update((c, qt) for c, (qt, _) in zip(group, got))
-    return [cast_to_scheme(w, FLOAT_SCHEME) if c.bits is None else base[c] if c.lqer is None
-            else apply_lqer(base[dataclasses.replace(c, lqer=None)], w, c.lqer.rank, c.lqer.a_bits, c.lqer.b_bits,
-                            c.lqer.group, hessian) for c in cands]
+        base.update((c, (qt, stats and stats.row_errors)) for c, (qt, stats) in zip(group, got))
+    out = []
+    for c in cands:
+        if c.bits is None:
+            out.append((cast_to_scheme(w, FLOAT_SCHEME), None))
+        elif c.lqer is None:
+            out.append(base[c])
+        else:
+            qt = base[dataclasses.replace(c, lqer=None)][0]
+            out.append((apply_lqer(qt, w, c.lqer.rank, c.lqer.a_bits, c.lqer.b_bits, c.lqer.group, hessian), None))
+    return out
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:
@@ -216,7 +225,8 @@ class Measurement:
         return cls(str(doc["key"]), tensors, MeasurementInfo(**doc["info"]))
 
 
-Damage = Callable[[str, torch.Tensor, torch.Tensor], float]  # (name, w, w_hat) -> nats per token
+# (name, w, w_hat, the row errors diag((w - w_hat) H (w - w_hat)ᵀ) when known) -> nats per token
+Damage = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], float]
 
 
 def measure(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str, list[Candidate]], roles: Mapping[str, str],
@@ -246,8 +256,9 @@ def _measure_tensors(state_dict: Mapping[str, torch.Tensor], grids: Mapping[str,
     for name, grid in grids.items():
         w = state_dict[name].float()
         rows = []
-        for cand, value in zip(grid, stored_values(w, grid, roles[name], hessians.get(name), quantizer)):
-            rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value))))
+        for cand, (value, row_errors) in zip(grid, stored_values(w, grid, roles[name], hessians.get(name),
+                                                                 quantizer)):
+            rows.append(Measured(cand, entropy_bytes(value), damage(name, w, dequantized(value), row_errors)))
             done += 1
             if progress is not None:
                 progress(done, total)

@@ -74,15 +74,18 @@ class Sensitivity:
     def has_signal(self, name: str) -> bool:
         return (name in self.out_fisher and name in self.hessians) or name in self.in_fisher or name in self.head
 
-    def damage(self, name: str, w: torch.Tensor, w_hat: torch.Tensor) -> float | None:
-        """½ δᵀFδ of replacing w by w_hat (nats per token), or None when this tensor has no signal."""
+    def damage(self, name: str, w: torch.Tensor, w_hat: torch.Tensor, row_errors: torch.Tensor | None = None
+               ) -> float | None:
+        """½ δᵀFδ of replacing w by w_hat (nats per token), or None when this tensor has no signal. row_errors:
+        diag(E H Eᵀ) when the caller has it (a GPTQ sweep's, golfquant.quant.gptq)."""
         if not self.has_signal(name):
             return None
         device = self.device
         e = w.to(device).float() - w_hat.to(device).float()
         total = 0.0
         if name in self.out_fisher and name in self.hessians:
-            rows = ((e @ self.hessians[name].H.to(device).float()) * e).sum(dim=-1)
+            rows = row_errors.to(device) if row_errors is not None else \
+                ((e @ self.hessians[name].H.to(device).float()) * e).sum(dim=-1)
             total += float((self.out_fisher[name] * rows).sum(dtype=torch.float64))
         if name in self.in_fisher:
             total += float((self.in_fisher[name] * e * e).sum(dtype=torch.float64))

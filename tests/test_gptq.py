@@ -123,3 +123,16 @@ def test_bank_matches_per_slice(shared):
     for i in range(3):
         assert torch.equal(qt.codes[i], gptq_quantize(w[i], h if shared else hs[i], 4, s[i])[0].codes)
     assert stats.hessian_error < stats.rtn_error
+
+
+@pytest.mark.parametrize("dead", [0, 3])
+def test_row_errors_from_the_sweep_are_the_hessian_weighted_errors(dead):
+    # Σ err² of a row is its (W - Ŵ)(H + damping)(W - Ŵ)ᵀ; less the damping's share, what the budget's damage
+    # would otherwise compute with a product by H. Dead columns count in neither.
+    w = torch.randn(3, 24, 96, generator=_gen())
+    h = _correlated_hessian(96)
+    h[:dead] = h[:, :dead] = 0
+    for bits in (3, 6):
+        qt, stats = gptq_quantize(w, h, bits, row_scales(w, bits, parse_clip("sdclip:8")))
+        e = (w - qt.dequantize()).double()
+        torch.testing.assert_close(stats.row_errors.double(), ((e @ h.double()) * e).sum(-1), rtol=1e-5, atol=0)

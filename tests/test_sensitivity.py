@@ -14,6 +14,7 @@ from golfquant.calib import CalibConfig, generate_tokens, heldout_tokens
 from golfquant.checkpoint import load_checkpoint, save_checkpoint
 from golfquant.data import default_data_dir
 from golfquant.factory import load_model_factory
+from golfquant.measure import RECORD_LQER, Candidate, sdclip, stored_values
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import build_float_model, calibrate, hessian_of
 from golfquant.quant.clip import ClipSpec
@@ -131,3 +132,16 @@ def test_recomputed_blocks_change_no_signal(bundled, monkeypatch):
         torch.testing.assert_close((plain.out_fisher | plain.in_fisher)[name], f, rtol=1e-5, atol=0)
     assert torch.equal(plain.head["tok_emb.weight"].probs, sens.head["tok_emb.weight"].probs)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_measurement_takes_damage_from_the_gptq_sweep(bundled):
+    # measure.stored_values hands the sweep's row errors to the damage in place of a product with H.
+    ckpt, _, cal, sens, _ = bundled
+    name = "blocks.0.mlp.fc.weight"
+    w, h = ckpt.state_dict[name].float(), hessian_of(cal.hessians, name)
+    grid = [Candidate(4, sdclip(8.0)), Candidate(6, sdclip(12.85)), Candidate(3, sdclip(4.243), RECORD_LQER)]
+    for cand, (value, row_errors) in zip(grid, stored_values(w, grid, "mlp", h, Quantizer())):
+        assert (row_errors is None) == (cand.lqer is not None)
+        if row_errors is not None:
+            w_hat = value.dequantize()
+            assert sens.damage(name, w, w_hat, row_errors) == pytest.approx(sens.damage(name, w, w_hat), rel=1e-5)

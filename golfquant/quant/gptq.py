@@ -4,8 +4,8 @@ The algorithm is the reference one (IST-DASLab/gptq, as in the Parameter Golf re
 percent damping, act-order, the upper Cholesky factor of H⁻¹, 128-column blocks with in-block error feedback
 and a lazy batch update of the remaining columns. Differences: the factorisations run in fp64 (the sweep in
 fp32); the in-block feedback is regrouped into 16-column steps; several settings of one matrix (the budget's
-candidates) share one sweep; and a failed Cholesky is never hidden: the damping escalates ×10 a few times, then H is shifted by its
-most negative eigenvalue; the damping finally used is recorded in GPTQStats. A non-finite H raises DataError.
+candidates) share one sweep, which also gives each row's Hessian-weighted error; and a failed Cholesky is never
+hidden: the damping escalates ×10 a few times, then H is shifted by its most negative eigenvalue; the damping finally used is recorded in GPTQStats. A non-finite H raises DataError.
 """
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ class GPTQStats:
     hessian_error: float | None  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given
     rtn_error: float | None  # the same for round-to-nearest at the same scales
     seconds: float
+    row_errors: torch.Tensor | None = None  # diag((W - Ŵ) H (W - Ŵ)ᵀ) [rows] ([S, rows] for a bank), from the sweep
+
+
+def diag_mean(h: torch.Tensor) -> float:
+    """mean |diag H|, the unit of the damping (abs: a broken H may have negative diagonal entries)."""
+    return float(torch.diagonal(h).abs().mean()) or 1.0
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
@@ -46,7 +52,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     succeed. Returns (factor, δ used, number of escalations)."""
     h = h.double()
     eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
-    mean = float(torch.diagonal(h).abs().mean()) or 1.0  # abs: a broken H may have negative diagonal entries
+    mean = diag_mean(h)
     delta, escalations = damp, 0
     for attempt in range(ESCALATIONS + 1):
         factor = _try_inverse_cholesky(h + delta * mean * eye)
@@ -82,6 +88,7 @@ class PreparedHessian:
     hinv: torch.Tensor
     damp_used: float
     escalations: int
+    shift: float  # what the damping added to H's diagonal: damp_used·mean|diag H| (dead columns at 1)
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> list[PreparedHessian]:
@@ -103,7 +110,7 @@ def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool =
         if escalations:
             log.warning("GPTQ: Cholesky failed at damp %g; used %.3g·mean(diag H) after %d escalation(s)",
                         damp, damp_used, escalations)
-        out.append(PreparedHessian(dead, perm, factor.float(), damp_used, escalations))
+        out.append(PreparedHessian(dead, perm, factor.float(), damp_used, escalations, damp_used * diag_mean(h)))
     return out
 
 
@@ -153,18 +160,25 @@ def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Se
                   for i in range(slices)] if w.dim() == 3 else [st.salient] for st in settings]
     chunk = max(1, _BATCH_ELEMENTS // ws[0].numel())
     codes = [[] for _ in settings]  # per setting, per slice
+    row_sq = [[] for _ in settings]
     for i, (wi, p) in enumerate(zip(ws, prepared)):
         for c0 in range(0, len(settings), chunk):
             part = range(c0, min(c0 + chunk, len(settings)))
             quantizers = [column_quantizers(settings[k].scales if w.dim() == 2 else settings[k].scales[i],
                                             settings[k].bits, cols, per_slice[k][i]) for k in part]
-            for k, c in zip(part, _gptq_2d(wi, p, quantizers, block_size)):
+            for k, c, sq in zip(part, *_gptq_2d(wi, p, quantizers, block_size)):
                 codes[k].append(c)
+                row_sq[k].append(sq)
     sweep = (time.perf_counter() - start) / len(settings)
     out = []
-    for st, cs in zip(settings, codes):
+    for st, cs, sqs in zip(settings, codes, row_sq):
         start = time.perf_counter()
         qt = split(torch.stack(cs) if w.dim() == 3 else cs[0], st.scales, st.bits, st.salient)
+        # Σ err² = Δ H' Δᵀ per row; less the damping's share, Δ H Δᵀ (dead columns count in neither)
+        delta = (w.float() - qt.dequantize()).double() ** 2
+        live = torch.stack([d[..., ~p.dead].sum(dim=-1) * p.shift
+                            for d, p in zip(delta if w.dim() == 3 else delta[None], prepared)])
+        row_errors = (torch.stack(sqs) - live).float()
         hessian_error = rtn_error = None
         if errors:
             h = hessian.float()
@@ -172,16 +186,21 @@ def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Se
             hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
             rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
         out.append((qt, GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared),
-                                  hessian_error, rtn_error, sweep + time.perf_counter() - start)))
+                                  hessian_error, rtn_error, sweep + time.perf_counter() - start,
+                                  row_errors if w.dim() == 3 else row_errors[0])))
     return out
 
 
 def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torch.Tensor, list[int]]],
-             block_size: int) -> torch.Tensor:
-    """Codes [K, rows, cols] of one matrix w [rows, cols] at K settings; with setting k, column c is rounded at
-    the row scales quantizers[k][0][c] and clamped to ±quantizers[k][1][c] (salient.column_quantizers). The K
-    copies of w are stacked [K·rows, cols]: the per-column steps are elementwise, and every matrix product is
-    taken per copy (_per_copy), so each copy's codes are those it gets alone."""
+             block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [K, rows, cols] of one matrix w [rows, cols] at K settings, and each row's Σ_j err_j² [K, rows];
+    with setting k, column c is rounded at the row scales quantizers[k][0][c] and clamped to ±quantizers[k][1][c]
+    (salient.column_quantizers). The K copies of w are stacked [K·rows, cols]: the per-column steps are
+    elementwise, and every matrix product is taken per copy (_per_copy), so each copy's codes are those it gets
+    alone.
+
+    The sweep's total error is W - Ŵ = Err·U (U the factor of H'⁻¹, H' the damped H), so Σ_j err_j² of a row is
+    its (W - Ŵ) H' (W - Ŵ)ᵀ: gptq_quantize_many takes the row errors from it without a product with H."""
     rows, cols = w.shape
     w = w.float().clone()
     w[:, prep.dead] = 0.0
@@ -192,6 +211,7 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torc
                        for _, b in quantizers], dim=1)
     hinv = prep.hinv
     q = torch.empty_like(w)
+    sq = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -210,7 +230,8 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torc
                 err1[:, j] = err
             _per_copy(w1[:, j2:], err1[:, j1:j2], h1[j1:j2, j2:], rows)
         _per_copy(w[:, i2:], err1, hinv[i1:i2, i2:], rows)
-    return q[:, torch.argsort(perm)].to(torch.int8).reshape(len(quantizers), rows, cols)
+        sq += (err1.double() ** 2).sum(dim=1)
+    return q[:, torch.argsort(perm)].to(torch.int8).reshape(len(quantizers), rows, cols), sq.reshape(-1, rows)
 
 
 def _per_copy(target: torch.Tensor, err: torch.Tensor, h: torch.Tensor, rows: int) -> None:

@@ -101,5 +101,6 @@ class Quantizer:
         for st, (qt, stats) in zip(settings, out):
             if st.lqer is not None and st.lqer.rank > 0:
                 qt = apply_lqer(qt, w, st.lqer.rank, st.lqer.a_bits, st.lqer.b_bits, st.lqer.group, hessian)
+                stats = stats and dataclasses.replace(stats, row_errors=None)  # of the codes, not the correction
             results.append((dataclasses.replace(qt, rotation=rotation).to("cpu"), stats))
         return results
