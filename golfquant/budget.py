@@ -50,13 +50,14 @@ from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, Measure
                                measure, record_candidate, salient_fits, sdclip, stored_bytes)
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, build_float_model, calibrate,
-                                clip_k_meta, gptq_meta, hessian_of, quantize_tensor, stage)
+                                clip_k_meta, gptq_meta, hessian_of, quantize_tensor_many, stage)
 from golfquant.plan import TensorPlan, cast_to_scheme, make_plan
 from golfquant.quant import QuantizedTensor
 from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_bytes, total_damage
 from golfquant.quant.gptq import PreparedHessian
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.quant.qtensor import Rotation
+from golfquant.quant.quantize import Setting
 from golfquant.quant.rotate import rotate_hessian, rotation_for
 from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
@@ -265,18 +266,27 @@ class _Run:
     # ---------------------------------------------------------------------------------------------- values
 
     def value(self, name: str, cand: Candidate) -> QuantizedTensor | torch.Tensor:
-        key = (name, cand.key)
-        if key not in self.values:
-            tp = self.plan[name]
-            if cand.bits is None:
-                self.values[key] = (cast_to_scheme(self.sd[name], cand.scheme), None)
-            else:
-                h = hessian_of(self.calibration.hessians, name)
-                if (name, cand.rotation) not in self._prepared:
-                    self._prepared[(name, cand.rotation)] = self.opts.quantizer.prepare(h, cand.rotation)
-                self.values[key] = quantize_tensor(self.sd[name], tp, cand.bits, cand.clip, h, self.opts, cand.lqer,
-                                                   cand.salient, cand.rotation, self._prepared[(name, cand.rotation)])
-        return self.values[key][0]
+        self.quantize({name: [cand]})
+        return self.values[(name, cand.key)][0]
+
+    def quantize(self, wanted: dict[str, list[Candidate]]) -> None:
+        """Quantize (into self.values) the wanted candidates not yet held, those of one tensor and rotation with
+        shared GPTQ sweeps and factorisation."""
+        for name, cands in wanted.items():
+            todo = [c for c in dict.fromkeys(cands) if (name, c.key) not in self.values]
+            for c in todo:
+                if c.bits is None:
+                    self.values[(name, c.key)] = (cast_to_scheme(self.sd[name], c.scheme), None)
+            ints = [c for c in todo if c.bits is not None]
+            h = hessian_of(self.calibration.hessians, name)
+            for rotation in dict.fromkeys(c.rotation for c in ints):
+                group = [c for c in ints if c.rotation == rotation]
+                if (name, rotation) not in self._prepared:
+                    self._prepared[(name, rotation)] = self.opts.quantizer.prepare(h, rotation)
+                got = quantize_tensor_many(self.sd[name], self.plan[name],
+                                           [Setting(c.bits, c.clip, c.lqer, c.salient) for c in group], h, self.opts,
+                                           rotation, self._prepared[(name, rotation)])
+                self.values.update(((name, c.key), v) for c, v in zip(group, got))
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:
         """The candidate's bytes with its codes priced by the coder's own size model, a float tensor compressed."""
@@ -361,6 +371,11 @@ class _Run:
         # compression of the shared sections); encoding the chosen plan measures it, and the plan is solved again
         # for the real room when the artifact misses the budget.
         overhead, least, encoded = self._overhead_guess(), None, None
+        # the values the families' plans start from, in shared sweeps (solving prices them one by one)
+        with self.timed("solve"):
+            table = self.table()
+            starts = [self.plan_family(f, table, self.room - overhead) for f in self.families()]
+            self.quantize({n: [self._cand(n, c[n]) for c in starts if c] for n in self.measurement.tensors})
         if self.solve("allocated", self.room - overhead) is None:
             # priced exactly: each tensor's few smallest by the table, where the smallest of all lies
             table = {}

@@ -24,6 +24,7 @@ from golfquant.quant.clip import ClipSpec, hessian_weighted_error
 from golfquant.quant.gptq import PreparedHessian
 from golfquant.quant.lqer import LqerOptions, apply_lqer, select_lqer_targets
 from golfquant.quant.qtensor import Rotation
+from golfquant.quant.quantize import Setting
 from golfquant.quant.salient import SalientOptions
 
 
@@ -147,14 +148,24 @@ def quantize_tensor(t: torch.Tensor, tp: TensorPlan, bits: int, spec: ClipSpec, 
     """One matrix at `bits` with `spec` (opts.quantizer: GPTQ when asked and a Hessian exists, else RTN), optionally
     with salient column groups and in a rotated basis, and its report row. `prepared`: opts.quantizer.prepare(h,
     rotation), when the caller has it."""
+    return quantize_tensor_many(t, tp, [Setting(bits, spec, lqer, salient)], h, opts, rotation, prepared)[0]
+
+
+def quantize_tensor_many(t: torch.Tensor, tp: TensorPlan, settings: list[Setting], h: torch.Tensor | None,
+                         opts: QuantizeOptions, rotation: Rotation | None = None,
+                         prepared: list[PreparedHessian] | None = None) -> list[tuple[QuantizedTensor, TensorReport]]:
+    """quantize_tensor at each setting, with GPTQ's sweeps shared (Quantizer.many); the time is split evenly."""
     start = time.perf_counter()
-    qt, stats = opts.quantizer(t, bits, spec, tp.role, h, lqer, prepared, salient=salient, rotation=rotation)
-    report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "rtn", 0.0)
-    if stats is not None:
-        ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0
-        report = TensorReport(tp.name, tp.role, f"int{bits}", bits, "gptq", 0.0, stats.damp_used, ratio)
-    report.seconds = time.perf_counter() - start
-    return qt, report
+    got = opts.quantizer.many(t, settings, tp.role, h, prepared, rotation=rotation)
+    seconds = (time.perf_counter() - start) / len(settings)
+    out = []
+    for st, (qt, stats) in zip(settings, got):
+        report = TensorReport(tp.name, tp.role, f"int{st.bits}", st.bits, "rtn", seconds)
+        if stats is not None:
+            ratio = stats.hessian_error / stats.rtn_error if stats.rtn_error else 1.0
+            report = TensorReport(tp.name, tp.role, f"int{st.bits}", st.bits, "gptq", seconds, stats.damp_used, ratio)
+        out.append((qt, report))
+    return out
 
 
 def gptq_meta(meta: dict, reports: list[TensorReport], opts: QuantizeOptions) -> None:
