@@ -2,6 +2,11 @@
 
 Run: .venv/bin/python benchmarks/gptq_speed.py   (prints seconds; writes benchmarks/gptq_speed.json)
 
+At the records' shapes (11x512, MLP 3x): seconds per setting of one sweep alone against eight settings sharing
+sweeps (gptq_quantize_many, as the budget's measurement runs them), by in-block step (gptq._SUB_BLOCK); and the
+LQER factors' subspace iteration (lqer.top_left_singular) against a full SVD: seconds, and the share of the SVD's
+top-4 singular energy it captures, on GPTQ errors weighted as lqer_factors weights them.
+
 Also probes the factorisations' precision: on nearly singular Hessians (fewer calibration tokens than
 columns) at damp 0.01, 0.001 and 0, the fp32 chain cholesky -> cholesky_inverse -> upper cholesky against the
 fp64 one the quantizer uses (failures, relative deviation of the factor, time).
@@ -16,11 +21,15 @@ import torch
 
 from golfquant.atomic import atomic_write_text
 from golfquant.quant.clip import parse_clip, row_scales
-from golfquant.quant.gptq import gptq_quantize, inverse_cholesky
+from golfquant.quant import gptq
+from golfquant.quant.gptq import Setting, gptq_quantize, gptq_quantize_many, inverse_cholesky
+from golfquant.quant.lqer import top_left_singular
 
 # Baseline 9 x 512, MLP 2x, 4 KV heads: per layer c_q, c_k, c_v, proj, fc, mlp.proj.
 BASELINE_LAYER = [(512, 512), (256, 512), (256, 512), (512, 512), (1024, 512), (512, 1024)]
 BASELINE_LAYERS = 9
+RECORD_LAYER = [(512, 512), (256, 512), (256, 512), (512, 512), (1536, 512), (512, 1536)]
+SHARED = 8  # settings per shared sweep
 REPEATS = 3
 
 
@@ -45,6 +54,41 @@ def gptq_seconds(rows: int, cols: int) -> float:
     h = correlated_hessian(cols, 4096, seed=cols)
     s = row_scales(w, 6, parse_clip("sdclip:12.85"))
     return best_of(lambda: gptq_quantize(w, h, 6, s))
+
+
+def shared_sweeps(rows: int, cols: int) -> dict[str, float]:
+    """Seconds per setting: one sweep each, and SHARED settings (widths 3..8 and two more clips) in shared sweeps,
+    by in-block step."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols)) * 0.02
+    h = correlated_hessian(cols, 4096, seed=cols)
+    prepared = gptq.prepare_hessian(h)
+    settings = [Setting(b, row_scales(w, b, parse_clip(f"sdclip:{k}"))) for b, k in
+                [(3, 4.24), (4, 8), (5, 8), (6, 12.85), (7, 8), (8, 16), (5, 11.31), (6, 8)]][:SHARED]
+    out = {}
+    original = gptq._SUB_BLOCK
+    try:
+        for step in (8, 16, 32, 128):
+            gptq._SUB_BLOCK = step
+            out[f"alone_step{step}"] = best_of(lambda: gptq_quantize(w, h, 6, settings[3].scales, prepared=prepared,
+                                                                    errors=False), repeats=2)
+            out[f"shared_step{step}"] = best_of(lambda: gptq_quantize_many(w, h, settings, prepared=prepared,
+                                                                          errors=False), repeats=2) / SHARED
+    finally:
+        gptq._SUB_BLOCK = original
+    return out
+
+
+def lqer_subspace(rows: int, cols: int) -> dict[str, float]:
+    """top_left_singular against torch.linalg.svd on a GPTQ error (int4) weighted by sqrt(diag H)."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)) * 0.02
+    h = correlated_hessian(cols, 4096, seed=4)
+    qt, _ = gptq_quantize(w, h, 4, row_scales(w, 4, parse_clip("sdclip:8")), errors=False)
+    x = ((w - qt.dequantize()) * torch.diagonal(h).sqrt()).double()
+    svd = torch.linalg.svd(x, full_matrices=False)[0][:, :4]
+    fast = top_left_singular(x, 4)
+    return {"svd_seconds": best_of(lambda: torch.linalg.svd(x, full_matrices=False), repeats=2),
+            "subspace_seconds": best_of(lambda: top_left_singular(x, 4), repeats=2),
+            "captured_energy": float((fast.T @ x).norm() ** 2 / (svd.T @ x).norm() ** 2)}
 
 
 def clip_seconds(rows: int, cols: int) -> dict[str, float]:
@@ -86,15 +130,17 @@ def precision_probe(cols: int = 512, trials: int = 3) -> dict[str, object]:
 def main() -> None:
     torch.set_num_threads(1)
     shapes = sorted(set(BASELINE_LAYER) | {(1024, 512), (512, 1024)})
-    gptq = {f"{r}x{c}": gptq_seconds(r, c) for r, c in shapes}
-    baseline_total = BASELINE_LAYERS * sum(gptq[f"{r}x{c}"] for r, c in BASELINE_LAYER)
+    sweeps = {f"{r}x{c}": gptq_seconds(r, c) for r, c in shapes}
+    baseline_total = BASELINE_LAYERS * sum(sweeps[f"{r}x{c}"] for r, c in BASELINE_LAYER)
     result = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "gptq_seconds": gptq,
+        "gptq_seconds": sweeps,
         "gptq_baseline_54_matrices_seconds": baseline_total,
         "clip_seconds_1024x512": clip_seconds(1024, 512),
         "precision_probe_512_cols": precision_probe(),
+        "record_shapes_seconds_per_setting": {f"{r}x{c}": shared_sweeps(r, c) for r, c in sorted(set(RECORD_LAYER))},
+        "lqer_top4": {f"{r}x{c}": lqer_subspace(r, c) for r, c in sorted(set(RECORD_LAYER))},
     }
     for key, value in result.items():
         print(f"{key}: {value}")
