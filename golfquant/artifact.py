@@ -11,11 +11,13 @@ keeping them side by side is what keeps a field the writer emits from going unch
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -174,11 +176,42 @@ _FAST_MARGIN = 0.03
 _PRICE_CODEC = "lzma"  # float_tensor_bytes of a large tensor
 
 
+class _SectionMemo:
+    """The sections encoded lately, by a digest of everything their encoding reads: a budget search or a sweep
+    encodes mostly the same tensors again, and a section is a pure function of its input. Least recently used
+    first out, past `limit` blob bytes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.sections = limit, 0, OrderedDict()
+
+    def get(self, data: bytes, options: tuple, make: Callable[[], _Section]) -> _Section:
+        key = hashlib.blake2b(repr(options).encode() + b"\0" + data, digest_size=20).digest()
+        if key in self.sections:
+            self.sections.move_to_end(key)
+            return self.sections[key]
+        section = self.sections[key] = make()
+        self.size += len(section.blob)
+        while self.size > self.limit:
+            self.size -= len(self.sections.popitem(last=False)[1].blob)
+        return section
+
+
+_MEMO = _SectionMemo(64 << 20)
+
+
 def _encode_codes(kind_name: str, codes: torch.Tensor, bits: int, byte_codecs: list[str], codes_codecs: list[str],
                   layouts: Iterable[str] | None, exhaustive: bool = False) -> _Section:
     """The smallest encoding over (layout x byte codec) pairs and codes codecs: of all of them for small sections
     or when exhaustive, else of the best predicted ones (and of any codes codec that has no estimator)."""
     arr = codes.detach().cpu().numpy()
+    layouts = None if layouts is None else list(layouts)
+    options = ("codes", kind_name, bits, arr.dtype.str, arr.shape, byte_codecs, codes_codecs, layouts, exhaustive)
+    return _MEMO.get(arr.tobytes(), options, lambda: _encode_codes_now(kind_name, arr, bits, byte_codecs,
+                                                                       codes_codecs, layouts, exhaustive))
+
+
+def _encode_codes_now(kind_name: str, arr: np.ndarray, bits: int, byte_codecs: list[str], codes_codecs: list[str],
+                      layouts: list[str] | None, exhaustive: bool) -> _Section:
     est = estimate_codes_section(arr, bits, byte_codecs, codes_codecs, layouts)
     if not est.bytes:
         allowed = [name for name in layouts_for(bits, arr.ndim) if layouts is None or name in layouts]
@@ -213,6 +246,12 @@ def _in_registry_order(candidates: list[_Section], byte_codecs: list[str], codes
 def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str],
                   exhaustive: bool = False) -> _Section:
     """Plain and byte-shuffled layouts x byte codecs; past _EXHAUSTIVE_BELOW only the best predicted pairs."""
+    return _MEMO.get(raw, ("bytes", kind, name, itemsize, byte_codecs, exhaustive),
+                     lambda: _encode_bytes_now(kind, name, raw, itemsize, byte_codecs, exhaustive))
+
+
+def _encode_bytes_now(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str],
+                      exhaustive: bool) -> _Section:
     layouts = ["bytes"] + ([f"shuffle{itemsize}"] if itemsize > 1 else [])
     streams = {layout: _apply_byte_layout(raw, layout) for layout in layouts}
     pairs = [(layout, c) for layout in layouts for c in byte_codecs]

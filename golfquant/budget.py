@@ -462,7 +462,8 @@ class _Run:
         return sum(self.exact_bytes(n, self.fixed_candidate(n)) for n in self.fixed)
 
     def _overhead_guess(self) -> float:
-        floats = sum(self.sd[n].numel() * cast_to_scheme(self.sd[n][:0], tp.scheme).element_size()
+        # compressed one by one: the data section holds them together, and compresses them a little better
+        floats = sum(float_tensor_bytes(cast_to_scheme(self.sd[n], tp.scheme), self.opts.exhaustive)
                      for n, tp in self.plan.items() if tp.bits is None)
         return _HEADER_GUESS + _MANIFEST_PER_TENSOR * len(self.plan) + floats + self._fixed_bytes()
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from golfquant import artifact
 from golfquant.artifact import (MAGIC, MAX_SEED, artifact_sizes, encode_artifact, float_tensor_bytes, load_artifact,
                                 read_artifact, write_artifact)
 from golfquant.codec import BYTE_CODECS, CODES_CODECS, compress, decompress, register_codes_codec
@@ -473,3 +474,20 @@ def test_a_float_tensor_is_priced_at_what_the_writer_spends_on_it(rows):
     price = float_tensor_bytes(t)
     assert price == data.length if rows == 16 else abs(price - data.length) <= 0.1 * data.length
     assert price < t.numel() * 2 / 8
+
+
+def test_sections_are_encoded_once_while_remembered():
+    # A budget search encodes mostly the same tensors again: the memo serves a section whose input and options it
+    # has seen, and forgets the least recently used past its limit.
+    made = []
+
+    def make(blob):
+        return lambda: made.append(blob) or artifact._Section("codes", "w", "zlib", None, 1, blob)
+
+    memo = artifact._SectionMemo(limit=10)
+    assert memo.get(b"a", ("x", 1), make(b"1234")).blob == b"1234"
+    assert memo.get(b"a", ("x", 1), make(b"other")).blob == b"1234"  # remembered
+    assert memo.get(b"a", ("x", 2), make(b"5678")).blob == b"5678"  # other options: encoded
+    memo.get(b"b", ("x", 1), make(b"9999"))  # 12 bytes kept > 10: the least recently used goes
+    assert memo.get(b"a", ("x", 1), make(b"again")).blob == b"again"
+    assert made == [b"1234", b"5678", b"9999", b"again"] and memo.size <= 10
