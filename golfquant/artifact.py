@@ -173,7 +173,10 @@ def _smallest(candidates: list[_Section]) -> _Section:
 _EXHAUSTIVE_BELOW = 16384
 _FAST_TRIES = 2
 _FAST_MARGIN = 0.03
-_PRICE_CODEC = "lzma"  # float_tensor_bytes of a large tensor
+# Byte streams past _SAMPLE_ABOVE are ranked by a sample of _SAMPLE_CHUNKS x _SAMPLE_CHUNK bytes compressed with every
+# pair, the runner-up kept only within _FAST_MARGIN (benchmarks/codecs.py).
+_SAMPLE_ABOVE = 1 << 20
+_SAMPLE_CHUNKS, _SAMPLE_CHUNK = 16, 16384
 
 
 class _SectionMemo:
@@ -255,7 +258,14 @@ def _encode_bytes_now(kind: str, name: str, raw: bytes, itemsize: int, byte_code
     layouts = ["bytes"] + ([f"shuffle{itemsize}"] if itemsize > 1 else [])
     streams = {layout: _apply_byte_layout(raw, layout) for layout in layouts}
     pairs = [(layout, c) for layout in layouts for c in byte_codecs]
-    if not exhaustive and len(raw) > _EXHAUSTIVE_BELOW:
+    if not exhaustive and len(raw) > _SAMPLE_ABOVE:
+        # ranked by compressing a sample: the size model cannot see repeats (an embedding's near-identical rows)
+        samples = {layout: _sample(data) for layout, data in streams.items()}
+        guess = [len(compress(samples[layout], c)) for layout, c in pairs]
+        ranked = sorted(range(len(pairs)), key=lambda i: (guess[i], i))
+        pairs = [pairs[i] for i in sorted(ranked[:_FAST_TRIES])
+                 if guess[i] <= (1 + _FAST_MARGIN) * guess[ranked[0]]]
+    elif not exhaustive and len(raw) > _EXHAUSTIVE_BELOW:
         entropy = {layout: order0_bytes(data) for layout, data in streams.items()}
         ranked = sorted(range(len(pairs)), key=lambda i: (
             estimate_stream_bytes(streams[pairs[i][0]], pairs[i][1], entropy[pairs[i][0]]), i))
@@ -264,13 +274,15 @@ def _encode_bytes_now(kind: str, name: str, raw: bytes, itemsize: int, byte_code
 
 
 def float_tensor_bytes(t: torch.Tensor, exhaustive: bool = False) -> int:
-    """What a float tensor costs alone in a data section, compressed about as the writer would: the budget prices
-    float candidates with it, since a tensor of near-identical rows (an embedding's rarely seen tokens) shrinks a
-    lot. Past _EXHAUSTIVE_BELOW bytes (unless exhaustive) only with _PRICE_CODEC, which sees such repeats at a
-    fraction of brotli's time; the budget's fit corrects the rest."""
-    raw = _raw_bytes(t)
-    codecs = list(BYTE_CODECS) if exhaustive or len(raw) <= _EXHAUSTIVE_BELOW else [_PRICE_CODEC]
-    return len(_encode_bytes("data", "", raw, t.element_size(), codecs, exhaustive).blob)
+    """What a float tensor costs alone in a data section, compressed as the writer would: the budget prices float
+    candidates with it, since a tensor of near-identical rows (an embedding's rarely seen tokens) shrinks a lot."""
+    return len(_encode_bytes("data", "", _raw_bytes(t), t.element_size(), list(BYTE_CODECS), exhaustive).blob)
+
+
+def _sample(data: bytes) -> bytes:
+    """_SAMPLE_CHUNKS evenly spaced chunks of _SAMPLE_CHUNK bytes."""
+    step = len(data) // _SAMPLE_CHUNKS
+    return b"".join(data[i * step:i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS))
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
