@@ -195,26 +195,27 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torc
              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [K, rows, cols] of one matrix w [rows, cols] at K settings, and each row's Σ_j err_j² [K, rows];
     with setting k, column c is rounded at the row scales quantizers[k][0][c] and clamped to ±quantizers[k][1][c]
-    (salient.column_quantizers). The K copies of w are stacked [K·rows, cols]: the per-column steps are
-    elementwise, and every matrix product is taken per copy (_per_copy), so each copy's codes are those it gets
-    alone.
+    (salient.column_quantizers). The K copies of w are held transposed and side by side, [cols, K·rows], so that
+    a column is one contiguous vector: the per-column steps are elementwise, and every matrix product is taken
+    per copy (_per_copy), so each copy's codes are those it gets alone.
 
     The sweep's total error is W - Ŵ = Err·U (U the factor of H'⁻¹, H' the damped H), so Σ_j err_j² of a row is
     its (W - Ŵ) H' (W - Ŵ)ᵀ: gptq_quantize_many takes the row errors from it without a product with H."""
     rows, cols = w.shape
     w = w.float().clone()
     w[:, prep.dead] = 0.0
-    w = w[:, prep.perm].repeat(len(quantizers), 1)
     perm = prep.perm.to(w.device)
+    wt = w[:, perm].T.repeat(1, len(quantizers)).contiguous()  # [cols, K·rows]
     scales = torch.cat([s.to(w.device)[perm] for s, _ in quantizers], dim=1)  # [cols, K·rows]
-    bound = torch.cat([torch.tensor(b, dtype=torch.float32, device=w.device)[perm, None].expand(cols, rows)
-                       for _, b in quantizers], dim=1)
+    hi = torch.cat([torch.tensor(b, dtype=torch.float32, device=w.device)[perm, None].expand(cols, rows)
+                    for _, b in quantizers], dim=1)
+    lo = -hi
     hinv = prep.hinv
-    q = torch.empty_like(w)
-    sq = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    q = torch.empty_like(wt)
+    sq = torch.zeros(wt.shape[1], dtype=torch.float64, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2]  # a view: updated in place
         err1 = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         # Within the block, each column's error reaches the next columns of its sub-block at once and the rest
@@ -222,20 +223,20 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torc
         for j1 in range(0, i2 - i1, _SUB_BLOCK):
             j2 = min(j1 + _SUB_BLOCK, i2 - i1)
             for j in range(j1, j2):
-                col, s, r = w1[:, j], scales[i1 + j], bound[i1 + j]
-                qj = torch.minimum(torch.maximum(torch.round(col / s), -r), r)  # round_codes, per-row bounds
-                q[:, i1 + j] = qj
-                err = (col - qj * s) / h1[j, j]
-                w1[:, j + 1:j2].addr_(err, h1[j, j + 1:j2], alpha=-1)
-                err1[:, j] = err
-            _per_copy(w1[:, j2:], err1[:, j1:j2], h1[j1:j2, j2:], rows)
-        _per_copy(w[:, i2:], err1, hinv[i1:i2, i2:], rows)
-        sq += (err1.double() ** 2).sum(dim=1)
-    return q[:, torch.argsort(perm)].to(torch.int8).reshape(len(quantizers), rows, cols), sq.reshape(-1, rows)
+                col, s = w1[j], scales[i1 + j]
+                qj = torch.round(col / s).clamp_(lo[i1 + j], hi[i1 + j])  # round_codes, per-row bounds
+                q[i1 + j] = qj
+                err = torch.div(col - qj * s, h1[j, j], out=err1[j])
+                w1[j + 1:j2].addr_(h1[j, j + 1:j2], err, alpha=-1)
+            _per_copy(w1[j2:], h1[j1:j2, j2:], err1[j1:j2], rows)
+        _per_copy(wt[i2:], hinv[i1:i2, i2:], err1, rows)
+        sq += (err1.double() ** 2).sum(dim=0)
+    codes = q[torch.argsort(perm)].T.to(torch.int8)  # [K·rows, cols]
+    return codes.reshape(len(quantizers), rows, cols), sq.reshape(-1, rows)
 
 
-def _per_copy(target: torch.Tensor, err: torch.Tensor, h: torch.Tensor, rows: int) -> None:
-    """target -= err @ h, one copy's rows at a time: the product's shapes, hence its rounding, are those of one
-    setting alone."""
-    for r in range(0, target.shape[0], rows):
-        target[r:r + rows] -= err[r:r + rows] @ h
+def _per_copy(target: torch.Tensor, h: torch.Tensor, err: torch.Tensor, rows: int) -> None:
+    """target -= hᵀ @ err, one copy's columns at a time: the product's shapes, hence its rounding, are those of
+    one setting alone."""
+    for r in range(0, target.shape[1], rows):
+        target[:, r:r + rows] -= h.T @ err[:, r:r + rows]
