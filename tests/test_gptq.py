@@ -134,5 +134,6 @@ def test_row_errors_from_the_sweep_are_the_hessian_weighted_errors(dead):
     h[:dead] = h[:, :dead] = 0
     for bits in (3, 6):
         qt, stats = gptq_quantize(w, h, bits, row_scales(w, bits, parse_clip("sdclip:8")))
+        assert qt.codes.is_contiguous()  # callers view the codes flat
         e = (w - qt.dequantize()).double()
         torch.testing.assert_close(stats.row_errors.double(), ((e @ h.double()) * e).sum(-1), rtol=1e-5, atol=0)

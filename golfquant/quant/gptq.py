@@ -231,7 +231,7 @@ def _gptq_2d(w: torch.Tensor, prep: PreparedHessian, quantizers: list[tuple[torc
             _per_copy(w1[j2:], h1[j1:j2, j2:], err1[j1:j2], rows)
         _per_copy(wt[i2:], hinv[i1:i2, i2:], err1, rows)
         sq += (err1.double() ** 2).sum(dim=0)
-    codes = q[torch.argsort(perm)].T.to(torch.int8)  # [K·rows, cols]
+    codes = q[torch.argsort(perm)].T.to(torch.int8).contiguous()  # [K·rows, cols]
     return codes.reshape(len(quantizers), rows, cols), sq.reshape(-1, rows)
 
 
