@@ -10,7 +10,7 @@ the SP8192 records' 11x512 with MLP 3x and vocab 8192 (~30 M), the last two synt
   seconds per stage as golfquant.budget reports them (calibration = self-generation with the Hessians collected
   in the same pass; sensitivity; measurement = every candidate quantized (GPTQ) and its damage; solve and
   confirm = the allocation; encode), and the seconds after calibration;
-* the process's peak RSS;
+* the process's peak RSS, and the peak seen (sampled every 50 ms) under the last stage the progress callback named;
 * `load_artifact` and the exported loader (`export-loader` for the artifact's codecs) on the written artifact,
   best of --reps.
 
@@ -34,6 +34,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,12 @@ SHAPES = {"bundled 4x320": None, "baseline 9x512": BASELINE_SHAPE, "records 11x5
 CAP = 16_000_000
 STAGES = ("calibration", "sensitivity", "measurement", "solve", "confirm", "encode")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GOLFQUANT_THREADS": "1"}
+
+
+def rss_mb() -> int:
+    """This process's resident set now (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def best_seconds(fn, reps: int) -> float:
@@ -78,10 +85,19 @@ def child(shape_json: str, bytes_per_parameter: float, reps: int, work: str) -> 
     budget = min(CAP, int(bytes_per_parameter * params))
     artifact = Path(work) / "a.gqa"
     out = {"parameters": params, "budget": budget, "runs": []}
+    stage = ["load"]  # the last stage the progress callback named; the sampler charges the RSS it sees to it
+    peaks: dict[str, int] = {}
+
+    def sample_rss() -> None:
+        while True:
+            peaks[stage[0]] = max(peaks.get(stage[0], 0), rss_mb())
+            time.sleep(0.05)
+
+    threading.Thread(target=sample_rss, daemon=True).start()
     for run in ("first", "cached"):
         start = time.perf_counter()
         result = golfquant.quantize(ckpt.state_dict, QuantizeOptions(budget=budget), config=ckpt.config,
-                                    cache=Path(work) / "a")
+                                    cache=Path(work) / "a", progress=lambda name, *_: stage.__setitem__(0, name))
         result.save(artifact)
         report = result.budget
         stages = {k: round(v, 1) for k, v in report.seconds.items()}
@@ -90,7 +106,9 @@ def child(shape_json: str, bytes_per_parameter: float, reps: int, work: str) -> 
                                                                    if k != "calibration"), 1),
                             "candidates": report.measurement.candidates, "chosen_plan": report.chosen,
                             "total_bytes": result.total_bytes})
+        stage[0] = f"after the {run} run"
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak_rss_mb_by_stage"] = peaks
     namespace: dict = {}
     exec(compile(loader_source(True, artifact_codecs(artifact)), "<exported loader>", "exec"), namespace)
     out["load_artifact_seconds"] = best_seconds(lambda: load_artifact(artifact), reps)

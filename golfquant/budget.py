@@ -242,7 +242,7 @@ class _Run:
         hessians = self.calibration.hessians
         held = self.calibration.heldout
         with self.timed("sensitivity"):
-            sens = measure_sensitivity(self.model, held, hessians)
+            sens = measure_sensitivity(self.model, held, hessians, progress=stage(self.progress, "sensitivity"))
 
         def damage(name: str, w: torch.Tensor, w_hat: torch.Tensor, row_errors: torch.Tensor | None) -> float:
             d = sens.damage(name, w, w_hat, row_errors)

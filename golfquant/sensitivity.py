@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from golfquant.calib import Hessian, hessian_targets, model_logits
+from golfquant.calib import Hessian, StageProgress, hessian_targets, model_logits
 
 HEAD_POSITIONS = 1024  # held-out positions the exact head damage averages over (cost: positions x vocab x dim)
 # Tokens per forward (and backward) pass: bounds the activations and logits held at once (a backward pass holds
@@ -108,7 +108,7 @@ def _softcap(model: nn.Module) -> float | None:
 
 
 def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[str, Hessian],
-                        head_positions: int = HEAD_POSITIONS) -> Sensitivity:
+                        head_positions: int = HEAD_POSITIONS, progress: StageProgress | None = None) -> Sensitivity:
     """Fisher diagonals of every Linear output and embedding lookup, and the tied head's sample, from the
     cross-entropy of `tokens` [N, L] (each sequence predicts its own next tokens) under the float model.
 
@@ -174,6 +174,8 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
                     slope = 1.0 - (z / cap) ** 2 if cap is not None else torch.ones_like(z)
                     head_c.append(slope.reshape(-1, z.shape[-1]))
                 del logits, loss
+                if progress is not None:
+                    progress(min(start + _sequences_per_pass(tokens), n_seq), n_seq)
     finally:
         for h in handles:
             h.remove()
