@@ -5,7 +5,8 @@ percent damping, act-order, the upper Cholesky factor of H⁻¹, 128-column bloc
 and a lazy batch update of the remaining columns. Differences: the factorisations run in fp64 (the sweep in
 fp32); the in-block feedback is regrouped into 16-column steps; several settings of one matrix (the budget's
 candidates) share one sweep, which also gives each row's Hessian-weighted error; and a failed Cholesky is never
-hidden: the damping escalates ×10 a few times, then H is shifted by its most negative eigenvalue; the damping finally used is recorded in GPTQStats. A non-finite H raises DataError.
+hidden: the damping escalates ×10 a few times, then H is shifted by its most negative eigenvalue; the damping
+finally used is recorded in GPTQStats. A non-finite H raises DataError.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ symmetric (int2 = {-1, 0, 1}, not the record's asymmetric [-2, 1]):
   and recovers most of what the coarse ternary A loses;
 * both scales are searched (MSE over shrink factors, `clip.mse` with norm 2), not set from max|·|.
 With a Hessian, U_r comes from E·diag(sqrt(diag H)) (activation-scaled error); the least-squares refit of B
-is the same under any column weighting. U_r is found by subspace iteration (top_left_singular), not a full SVD. A rotated tensor's correction is fitted in its rotated basis
-(the codes' basis, against the rotated Hessian), where dequantization adds it before turning the sum back.
+is the same under any column weighting. U_r is found by subspace iteration (top_left_singular), not a full SVD.
+A rotated tensor's correction is fitted in its rotated basis (the codes' basis, against the rotated Hessian),
+where dequantization adds it before turning the sum back.
 """
 from __future__ import annotations
 
