@@ -42,7 +42,7 @@ from golfquant.quant.quantize import Quantizer, Setting
 from golfquant.quant.rotate import SEED
 from golfquant.quant.salient import SalientOptions
 
-VERSION = 7  # of the measurement's meaning: bump when candidates, pricing or damage change
+VERSION = 8  # of the measurement's meaning: bump when candidates, pricing or damage change
 FLOAT_SCHEME = "fp16"
 NARROW_K = {2: (2.0,), 3: (3.0, 4.243, 6.0)}
 WIDE_K = (4.0, 5.657, 8.0, 11.31, 16.0)  # int4..int8

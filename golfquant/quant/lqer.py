@@ -26,7 +26,7 @@ from golfquant.quant.rotate import rotate, rotate_hessian
 
 _FACTOR_CLIP = ClipSpec("mse", norm=2.0, grid=100, maxshrink=0.95)
 _OVERSAMPLE = 8  # extra directions of the subspace iteration
-_POWER_ITERS = 8
+_POWER_ITERS = 24  # GPTQ errors have a flat spectrum: 8 capture ~98% of the top-4 energy, 24 ~99.98%
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def lqer_factors(error: torch.Tensor, rank: int = 4, a_bits: int = 2, b_bits: in
 
 def top_left_singular(x: torch.Tensor, rank: int) -> torch.Tensor:
     """x's top `rank` left singular vectors [rows, rank] by subspace iteration from a fixed start (Halko et al.
-    2011): a full SVD costs rows·cols·min(rows, cols), this rows·cols·(rank + _OVERSAMPLE)·_POWER_ITERS, and the
-    factors it gives capture the top singular energy to ~1e-4 (benchmarks/gptq_speed.py)."""
+    2011): a full SVD costs rows·cols·min(rows, cols), this rows·cols·(rank + _OVERSAMPLE)·_POWER_ITERS; on GPTQ
+    errors at the records' shapes it is 2.7-5.6x faster and captures >= 99.98% of the top singular energy
+    (benchmarks/gptq_speed.py)."""
     g = torch.Generator(device=x.device).manual_seed(0)
     q = torch.linalg.qr(x @ torch.randn(x.shape[1], rank + _OVERSAMPLE, generator=g, dtype=x.dtype,
                                         device=x.device)).Q
