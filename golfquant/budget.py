@@ -187,7 +187,9 @@ class _Run:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = build_float_model(self.ckpt, self.opts)
+            # the state dict's own tensors where they fit (a copy costs 4 bytes a parameter): the search writes
+            # the weights only inside plan_divergence, which puts them back
+            self._model = build_float_model(self.ckpt, self.opts, share=True)
         return self._model
 
     @functools.cached_property

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from golfquant.errors import CheckpointError, OptionError
-from golfquant.model import GPTConfig, config_from_state_dict, model_from_state_dict, shape_mismatch
+from golfquant.model import GPTConfig, config_from_state_dict, load_weights, model_from_state_dict, shape_mismatch
 
 
 def parse_model_args(items: str | Sequence[str] | None) -> dict:
@@ -103,8 +103,8 @@ def load_model_factory(spec: str, model_args: dict | None = None) -> Callable[[]
 
 
 def build_model(state_dict: dict[str, torch.Tensor], config_dict: dict | None = None, model_spec: str | None = None,
-                num_heads: int | None = None, model_args: dict | None = None) -> nn.Module:
-    """The float model holding `state_dict`, loaded with strict=True.
+                num_heads: int | None = None, model_args: dict | None = None, share: bool = False) -> nn.Module:
+    """The float model holding `state_dict`, loaded with strict=True (`share`: model.load_weights).
 
     Without `model_spec` it is our GPT, configured by `config_dict` (the checkpoint's) or inferred from the
     tensor shapes (`num_heads` None = from q_gain). With `model_spec` (`FILE.py:CALLABLE`) it is the user's
@@ -113,10 +113,10 @@ def build_model(state_dict: dict[str, torch.Tensor], config_dict: dict | None = 
     if model_spec is None:
         config = GPTConfig.from_dict(config_dict) if config_dict is not None \
             else config_from_state_dict(state_dict, num_heads)
-        return model_from_state_dict(state_dict, config)
+        return model_from_state_dict(state_dict, config, share)
     model = load_model_factory(model_spec, model_args)()
     problem = shape_mismatch(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problem:
         raise CheckpointError(f"checkpoint does not fit --model {model_spec}: {problem}")
-    model.load_state_dict(state_dict, strict=True)
+    load_weights(model, state_dict, share)
     return model

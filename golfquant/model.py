@@ -413,10 +413,19 @@ def check_state_dict(sd: dict[str, Tensor], config: GPTConfig) -> None:
         raise CheckpointError(f"state_dict does not fit the baseline GPT {config.to_dict()}: {problem}")
 
 
-def model_from_state_dict(sd: dict[str, Tensor], config: GPTConfig | None = None) -> GPT:
-    """A GPT holding `sd` (loaded strict; bf16 tensors are upcast into the fp32 parameters)."""
+def load_weights(model: nn.Module, sd: dict[str, Tensor], share: bool = False) -> None:
+    """model.load_state_dict(sd, strict=True). With `share`, when every tensor of sd already has its parameter's
+    dtype and device, the model holds sd's tensors themselves instead of copies (the caller keeps sd as it is
+    only if it never writes the model's weights)."""
+    share = share and all(sd[k].dtype == v.dtype and sd[k].device == v.device
+                          for k, v in model.state_dict().items() if k in sd)
+    model.load_state_dict(sd, strict=True, assign=share)
+
+
+def model_from_state_dict(sd: dict[str, Tensor], config: GPTConfig | None = None, share: bool = False) -> GPT:
+    """A GPT holding `sd` (loaded strict; bf16 tensors are upcast into the fp32 parameters; `share`: load_weights)."""
     config = config if config is not None else config_from_state_dict(sd)
     check_state_dict(sd, config)
     model = GPT(config)
-    model.load_state_dict(sd, strict=True)
+    load_weights(model, sd, share)
     return model

@@ -229,9 +229,9 @@ def _on_cpu(hessians: dict[str, Hessian]) -> dict[str, Hessian]:
     return hessians
 
 
-def build_float_model(ckpt: Checkpoint, opts: QuantizeOptions) -> torch.nn.Module:
-    """The float model of ckpt on opts.device, in eval mode."""
-    model = build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args)
+def build_float_model(ckpt: Checkpoint, opts: QuantizeOptions, share: bool = False) -> torch.nn.Module:
+    """The float model of ckpt on opts.device, in eval mode (`share`: model.load_weights)."""
+    model = build_model(ckpt.state_dict, ckpt.config, opts.model_spec, opts.num_heads, opts.model_args, share)
     return model.to(resolve_device(opts.device)).eval()
 
 

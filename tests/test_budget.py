@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import golfquant
 from golfquant import budget as budget_module
 from golfquant.api import QuantizeResult, quantize_checkpoint
 from golfquant.artifact import artifact_sizes, load_artifact, read_artifact
@@ -211,3 +212,17 @@ def test_a_budget_without_code_says_it_counted_the_code_as_zero(ckpt, sizes, tmp
     code.write_text("print('hi')\n")
     res = CliRunner().invoke(cli, [*args, "--code", str(code), "--json"])
     assert "note" not in json.loads(res.stdout) and json.loads(res.stdout)["code_bytes"] == code.stat().st_size
+
+
+def test_the_search_shares_the_callers_weights_and_gives_them_back_unchanged(ckpt, sizes, monkeypatch):
+    # The float model holds the state dict's own tensors (no second copy at record size): its KL passes write
+    # the weights in place, and must put every one back bit for bit.
+    sd = load_checkpoint(ckpt).state_dict
+    before = {k: v.clone() for k, v in sd.items()}
+    built = []
+    build = budget_module.build_float_model
+    monkeypatch.setattr(budget_module, "build_float_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    golfquant.quantize(sd, opts((sizes[4] + sizes[8]) // 2))
+    params = dict(built[0].named_parameters())
+    assert all(params[k].data_ptr() == v.data_ptr() for k, v in sd.items() if k in params)
+    assert all(torch.equal(sd[k], v) for k, v in before.items())
