@@ -187,8 +187,8 @@ class _Run:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            # the state dict's own tensors where they fit (a copy costs 4 bytes a parameter): the search writes
-            # the weights only inside plan_divergence, which puts them back
+            # the state dict's own tensors where they fit (a copy costs 4 bytes a parameter): the search never
+            # writes them (plan_divergence swaps other tensors in and back out)
             self._model = build_float_model(self.ckpt, self.opts, share=True)
         return self._model
 

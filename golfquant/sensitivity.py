@@ -45,6 +45,7 @@ HEAD_POSITIONS = 1024  # held-out positions the exact head damage averages over 
 # Tokens per forward (and backward) pass: bounds the activations and logits held at once (a backward pass holds
 # every layer's activations for all its tokens); the results do not depend on it.
 BATCH_TOKENS = 2048
+_KL_POSITIONS = 256  # positions per step of a KL sum
 
 
 def _sequences_per_pass(tokens: torch.Tensor) -> int:
@@ -237,25 +238,28 @@ class Divergence(NamedTuple):
 def plan_divergence(model: nn.Module, weights: dict[str, torch.Tensor], tokens: torch.Tensor,
                     reference: list[torch.Tensor]) -> Divergence:
     """How far the model with `weights` swapped in moves from the float model on the held-out tokens the
-    reference log-probabilities were computed on. The model's own weights are restored afterwards."""
+    reference log-probabilities were computed on. The parameters hold `weights` only during the passes (their
+    own tensors are set aside untouched, not copied, and put back)."""
     params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in weights}
+    own = {name: params[name].data for name in weights}
     device = next(model.parameters()).device
     kl = dloss = 0.0
     count = 0
     try:
         for name, w in weights.items():
-            params[name].copy_(w.to(params[name].dtype))
+            params[name].data = w.to(own[name].device, own[name].dtype)
         batch = _sequences_per_pass(tokens)
         for i, start in enumerate(range(0, tokens.shape[0], batch)):
             seq = tokens[start:start + batch].to(device)
             lq = F.log_softmax(model_logits(model, seq[:, :-1]).float(), dim=-1)
             lp = reference[i]
-            kl += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            for p0 in range(0, lp.shape[1], _KL_POSITIONS):  # bounds the [positions, V] temporaries
+                a, b = lp[:, p0:p0 + _KL_POSITIONS], lq[:, p0:p0 + _KL_POSITIONS]
+                kl += float((a.exp() * (a - b)).sum(dtype=torch.float64))
             target = seq[:, 1:, None]
             dloss += float((lp.gather(-1, target) - lq.gather(-1, target)).sum(dtype=torch.float64))
             count += lp.shape[0] * lp.shape[1]
     finally:
-        for name, w in saved.items():
-            params[name].copy_(w)
+        for name, t in own.items():
+            params[name].data = t
     return Divergence(kl / count, dloss / count)

@@ -215,8 +215,8 @@ def test_a_budget_without_code_says_it_counted_the_code_as_zero(ckpt, sizes, tmp
 
 
 def test_the_search_shares_the_callers_weights_and_gives_them_back_unchanged(ckpt, sizes, monkeypatch):
-    # The float model holds the state dict's own tensors (no second copy at record size): its KL passes write
-    # the weights in place, and must put every one back bit for bit.
+    # The float model holds the state dict's own tensors (no second copy at record size): its KL passes swap
+    # other tensors in, and must leave every one of the caller's bit for bit.
     sd = load_checkpoint(ckpt).state_dict
     before = {k: v.clone() for k, v in sd.items()}
     built = []
