@@ -175,16 +175,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="loads of each artifact (the best is kept)")
     ap.add_argument("--eval-tokens", type=int, default=262144, help="validation tokens of the torchrun roundtrip")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
+    ap.add_argument("--update", action="store_true",
+                    help="run only --shapes, keeping everything else of record_size.json")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], float(args.child[1]), int(args.child[2]), args.child[3])
         return
-    command = bundled_command_seconds(args.before)
-    print(json.dumps(command), flush=True)
-    torchrun = torchrun_runs(args.eval_tokens)
-    print(json.dumps(torchrun), flush=True)
-    results = {}
+    if args.update:  # the other parts and shapes as record_size.json has them
+        kept = json.loads(OUT.read_text())
+        command, torchrun, results = kept["bundled_command"], kept["torchrun"], kept["shapes"]
+    else:
+        command = bundled_command_seconds(args.before)
+        print(json.dumps(command), flush=True)
+        torchrun = torchrun_runs(args.eval_tokens)
+        print(json.dumps(torchrun), flush=True)
+        results = {}
     for label in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as work:
             cmd = [sys.executable, __file__, "--child", json.dumps(SHAPES[label]), str(args.bytes_per_parameter),
