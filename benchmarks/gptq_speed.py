@@ -22,7 +22,7 @@ import torch
 from golfquant.atomic import atomic_write_text
 from golfquant.quant.clip import parse_clip, row_scales
 from golfquant.quant import gptq
-from golfquant.quant.gptq import Setting, gptq_quantize, gptq_quantize_many, inverse_cholesky
+from golfquant.quant.gptq import Rounding, gptq_quantize, gptq_quantize_many, inverse_cholesky
 from golfquant.quant.lqer import top_left_singular
 
 # Baseline 9 x 512, MLP 2x, 4 KV heads: per layer c_q, c_k, c_v, proj, fc, mlp.proj.
@@ -62,7 +62,7 @@ def shared_sweeps(rows: int, cols: int) -> dict[str, float]:
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols)) * 0.02
     h = correlated_hessian(cols, 4096, seed=cols)
     prepared = gptq.prepare_hessian(h)
-    settings = [Setting(b, row_scales(w, b, parse_clip(f"sdclip:{k}"))) for b, k in
+    settings = [Rounding(b, row_scales(w, b, parse_clip(f"sdclip:{k}"))) for b, k in
                 [(3, 4.24), (4, 8), (5, 8), (6, 12.85), (7, 8), (8, 16), (5, 11.31), (6, 8)]][:SHARED]
     out = {}
     original = gptq._SUB_BLOCK

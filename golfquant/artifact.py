@@ -174,7 +174,7 @@ _EXHAUSTIVE_BELOW = 16384
 _FAST_TRIES = 2
 _FAST_MARGIN = 0.03
 # Byte streams past _SAMPLE_ABOVE are ranked by a sample of _SAMPLE_CHUNKS x _SAMPLE_CHUNK bytes compressed with every
-# pair, the runner-up kept only within _FAST_MARGIN (benchmarks/codecs.py).
+# pair, the runner-up kept only within _FAST_MARGIN (tests/test_artifact.py holds it to the best fast codec).
 _SAMPLE_ABOVE = 1 << 20
 _SAMPLE_CHUNKS, _SAMPLE_CHUNK = 16, 16384
 
@@ -248,7 +248,8 @@ def _in_registry_order(candidates: list[_Section], byte_codecs: list[str], codes
 
 def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: list[str],
                   exhaustive: bool = False) -> _Section:
-    """Plain and byte-shuffled layouts x byte codecs; past _EXHAUSTIVE_BELOW only the best predicted pairs."""
+    """Plain and byte-shuffled layouts x byte codecs; past _EXHAUSTIVE_BELOW only the best predicted pairs (past
+    _SAMPLE_ABOVE, predicted by a compressed sample)."""
     return _MEMO.get(raw, ("bytes", kind, name, itemsize, byte_codecs, exhaustive),
                      lambda: _encode_bytes_now(kind, name, raw, itemsize, byte_codecs, exhaustive))
 

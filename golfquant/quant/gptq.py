@@ -23,7 +23,7 @@ from golfquant.quant.clip import hessian_weighted_error
 from golfquant.quant.qtensor import QuantizedTensor, SalientColumns
 from golfquant.quant.salient import column_quantizers, round_mixed, split
 
-__all__ = ["GPTQStats", "PreparedHessian", "Setting", "gptq_quantize", "gptq_quantize_many", "hessian_weighted_error",
+__all__ = ["GPTQStats", "PreparedHessian", "Rounding", "gptq_quantize", "gptq_quantize_many", "hessian_weighted_error",
            "inverse_cholesky", "prepare_hessian"]
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool =
     return out
 
 
-class Setting(NamedTuple):
-    """One way to round a matrix in a GPTQ sweep: its width, fp16 row scales [rows] (or [S, rows]) and optional
+class Rounding(NamedTuple):
+    """How a GPTQ sweep rounds a matrix: its width, fp16 row scales [rows] (or [S, rows]) and optional
     salient columns (golfquant.quant.salient.salient_template)."""
 
     bits: int
@@ -132,11 +132,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scales: tor
     several candidates against one H. errors=False skips the Hessian-weighted errors of GPTQ and RTN in the
     stats (None). `salient` (golfquant.quant.salient.salient_template): columns rounded at their own row scales
     and width in the same sweep. Deterministic for a given torch build and thread count."""
-    return gptq_quantize_many(w, hessian, [Setting(bits, scales, salient)], block_size, act_order, damp, prepared,
+    return gptq_quantize_many(w, hessian, [Rounding(bits, scales, salient)], block_size, act_order, damp, prepared,
                               errors)[0]
 
 
-def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Setting], block_size: int = 128,
+def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Rounding], block_size: int = 128,
                        act_order: bool = True, damp: float = 0.01, prepared: list[PreparedHessian] | None = None,
                        errors: bool = True) -> list[tuple[QuantizedTensor, GPTQStats]]:
     """gptq_quantize of one w at several settings in shared sweeps: each setting's copy of the rows goes through

@@ -92,7 +92,7 @@ class Quantizer:
             rounds = []
             for bits, clip, sal in resolved:
                 main, main_h = main_part(w, hessian, sal)
-                rounds.append(gptq.Setting(bits, row_scales(main, bits, clip, main_h, role), sal))
+                rounds.append(gptq.Rounding(bits, row_scales(main, bits, clip, main_h, role), sal))
             out = gptq.gptq_quantize_many(w, hessian, rounds, self.block_size, self.act_order, self.damp, prepared,
                                           errors)
         else:
