@@ -154,10 +154,12 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
     head_h, head_p, head_c = [], [], []
     cap = _softcap(model)
     was_training = model.training
-    # Gradients start at the embedding outputs (leaves); a model without an nn.Embedding needs its parameters'.
-    needs_grad = [] if embeddings else [p for p in model.parameters() if not p.requires_grad]
-    for p in needs_grad:
-        p.requires_grad_(True)
+    # Gradients start at the embedding outputs (leaves), so no parameter needs one (nor holds its inputs for it);
+    # a model without an nn.Embedding needs its parameters'. The flags are put back afterwards.
+    wanted = not embeddings
+    toggled = [p for p in model.parameters() if p.requires_grad != wanted]
+    for p in toggled:
+        p.requires_grad_(wanted)
     model.eval()
     try:
         with torch.enable_grad(), _checkpointed(model):
@@ -182,8 +184,8 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, hessians: dict[s
             h.remove()
         for p in model.parameters():
             p.grad = None
-        for p in needs_grad:
-            p.requires_grad_(False)
+        for p in toggled:
+            p.requires_grad_(not wanted)
         model.train(was_training)
     count = n_seq * (tokens.shape[1] - 1)
     head = {}

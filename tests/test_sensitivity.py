@@ -132,6 +132,10 @@ def test_recomputed_blocks_change_no_signal(bundled, monkeypatch):
         torch.testing.assert_close((plain.out_fisher | plain.in_fisher)[name], f, rtol=1e-5, atol=0)
     assert torch.equal(plain.head["tok_emb.weight"].probs, sens.head["tok_emb.weight"].probs)
     assert all(p.grad is None for p in model.parameters())
+    model.tok_emb.weight.requires_grad_(False)  # the flags a caller set come back as they were
+    measure_sensitivity(model, cal.heldout[:1], cal.hessians)
+    assert not model.tok_emb.weight.requires_grad and model.blocks[0].mlp.fc.weight.requires_grad
+    model.tok_emb.weight.requires_grad_(True)
 
 
 def test_the_measurement_takes_damage_from_the_gptq_sweep(bundled):
