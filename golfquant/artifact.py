@@ -181,17 +181,18 @@ _SAMPLE_CHUNKS, _SAMPLE_CHUNK = 16, 16384
 
 class _SectionMemo:
     """The sections encoded lately, by a digest of everything their encoding reads: a budget search or a sweep
-    encodes mostly the same tensors again, and a section is a pure function of its input. Least recently used
-    first out, past `limit` blob bytes."""
+    encodes mostly the same tensors again, and a section is a pure function of its input. The name only labels a
+    section, so it is not in the key: the budget's price of a float tensor alone serves the writer's data section
+    that holds just that tensor. Least recently used first out, past `limit` blob bytes."""
 
     def __init__(self, limit: int):
         self.limit, self.size, self.sections = limit, 0, OrderedDict()
 
-    def get(self, data: bytes, options: tuple, make: Callable[[], _Section]) -> _Section:
+    def get(self, data: bytes, options: tuple, name: str, make: Callable[[], _Section]) -> _Section:
         key = hashlib.blake2b(repr(options).encode() + b"\0" + data, digest_size=20).digest()
         if key in self.sections:
             self.sections.move_to_end(key)
-            return self.sections[key]
+            return replace(self.sections[key], name=name)
         section = self.sections[key] = make()
         self.size += len(section.blob)
         while self.size > self.limit:
@@ -208,9 +209,9 @@ def _encode_codes(kind_name: str, codes: torch.Tensor, bits: int, byte_codecs: l
     or when exhaustive, else of the best predicted ones (and of any codes codec that has no estimator)."""
     arr = codes.detach().cpu().numpy()
     layouts = None if layouts is None else list(layouts)
-    options = ("codes", kind_name, bits, arr.dtype.str, arr.shape, byte_codecs, codes_codecs, layouts, exhaustive)
-    return _MEMO.get(arr.tobytes(), options, lambda: _encode_codes_now(kind_name, arr, bits, byte_codecs,
-                                                                       codes_codecs, layouts, exhaustive))
+    options = ("codes", bits, arr.dtype.str, arr.shape, byte_codecs, codes_codecs, layouts, exhaustive)
+    return _MEMO.get(arr.tobytes(), options, kind_name, lambda: _encode_codes_now(kind_name, arr, bits, byte_codecs,
+                                                                                  codes_codecs, layouts, exhaustive))
 
 
 def _encode_codes_now(kind_name: str, arr: np.ndarray, bits: int, byte_codecs: list[str], codes_codecs: list[str],
@@ -250,7 +251,7 @@ def _encode_bytes(kind: str, name: str, raw: bytes, itemsize: int, byte_codecs: 
                   exhaustive: bool = False) -> _Section:
     """Plain and byte-shuffled layouts x byte codecs; past _EXHAUSTIVE_BELOW only the best predicted pairs (past
     _SAMPLE_ABOVE, predicted by a compressed sample)."""
-    return _MEMO.get(raw, ("bytes", kind, name, itemsize, byte_codecs, exhaustive),
+    return _MEMO.get(raw, ("bytes", kind, itemsize, byte_codecs, exhaustive), name,
                      lambda: _encode_bytes_now(kind, name, raw, itemsize, byte_codecs, exhaustive))
 
 

@@ -394,6 +394,9 @@ class _Run:
                                   "--rule")
             overhead = encoded.info.total_bytes - self._free_bytes()
         choices = {f: self.solve(f, self.room - overhead) for f in self.families()}
+        # the plans are solved: a refit prices few new values, and the factorisations (one H⁻¹ per tensor) would
+        # otherwise stay held through the confirmation's forward passes
+        self._prepared.clear()
         with self.timed("confirm"):
             self._confirm(choices, overhead)
         if self.chosen is None:  # the smallest plan fits, but none of the families' plans did

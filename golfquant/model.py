@@ -309,6 +309,8 @@ class GPT(nn.Module):
         else:
             logits = F.linear(h, self.tok_emb.weight.to(h.dtype))
         cap = self.config.logit_softcap
+        if not torch.is_grad_enabled():  # in place when no graph needs the intermediates: [B, T, V] is the largest
+            return logits.div_(cap).tanh_().mul_(cap)
         return cap * torch.tanh(logits / cap)
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:

@@ -482,12 +482,23 @@ def test_sections_are_encoded_once_while_remembered():
         return lambda: made.append(blob) or artifact._Section("codes", "w", "zlib", None, 1, blob)
 
     memo = artifact._SectionMemo(limit=10)
-    assert memo.get(b"a", ("x", 1), make(b"1234")).blob == b"1234"
-    assert memo.get(b"a", ("x", 1), make(b"other")).blob == b"1234"  # remembered
-    assert memo.get(b"a", ("x", 2), make(b"5678")).blob == b"5678"  # other options: encoded
-    memo.get(b"b", ("x", 1), make(b"9999"))  # 12 bytes kept > 10: the least recently used goes
-    assert memo.get(b"a", ("x", 1), make(b"again")).blob == b"again"
+    assert memo.get(b"a", ("x", 1), "w", make(b"1234")).blob == b"1234"
+    again = memo.get(b"a", ("x", 1), "v", make(b"other"))  # remembered, under the name asked for
+    assert (again.blob, again.name) == (b"1234", "v")
+    assert memo.get(b"a", ("x", 2), "w", make(b"5678")).blob == b"5678"  # other options: encoded
+    memo.get(b"b", ("x", 1), "w", make(b"9999"))  # 12 bytes kept > 10: the least recently used goes
+    assert memo.get(b"a", ("x", 1), "w", make(b"again")).blob == b"again"
     assert made == [b"1234", b"5678", b"9999", b"again"] and memo.size <= 10
+
+
+def test_the_price_of_a_float_tensor_serves_the_data_section_that_holds_only_it(monkeypatch):
+    # The budget prices a float candidate by compressing it alone; the writer's data section of that tensor alone
+    # is then the same section, not compressed again.
+    t = torch.randn(300, 64, generator=torch.Generator().manual_seed(3)).half()
+    price = float_tensor_bytes(t)
+    monkeypatch.setattr(artifact, "compress", lambda *_: pytest.fail("the priced section was compressed again"))
+    (data,) = [s for s in encode_artifact({"w": t}, None).info.sections if s.kind == "data"]
+    assert data.length == price and data.name == "data:2"
 
 
 def test_a_large_float_section_is_ranked_by_a_sample_that_sees_its_repeats():

@@ -24,7 +24,8 @@ def test_identity_hessian_gives_rtn_codes(act_order):
         s = row_scales(w, bits, parse_clip("sdclip:6"))
         qt, stats = gptq_quantize(w, torch.eye(128), bits, s, block_size=32, act_order=act_order)
         assert torch.equal(qt.codes, round_codes(w, s, bits))
-        assert stats.hessian_error == stats.rtn_error and stats.escalations == 0
+        # the sweep's own error sum against a product with H: equal up to fp32 rounding
+        assert stats.hessian_error == pytest.approx(stats.rtn_error, rel=1e-5) and stats.escalations == 0
 
 
 @pytest.mark.parametrize("cols, bits, block", [(64, 4, 128), (128, 4, 32), (200, 3, 64), (96, 6, 128)])

@@ -391,8 +391,29 @@ def _read_table(r: _Reader, nsym: int) -> np.ndarray:
 def _encode_values(v: np.ndarray) -> bytes:
     """Side information (bytes 0..255) as an order-0 table plus a length-prefixed stream."""
     table, freq = _table_bytes(np.bincount(v, minlength=256), _SIDE_PREC)
-    stream = _rans_encode(v, np.zeros(v.size, np.int64), freq[None])
+    stream = _encode_scalar(v, freq) if _lanes(v.size) <= _SCALAR_LANES else \
+        _rans_encode(v, np.zeros(v.size, np.int64), freq[None])
     return table + _varints(np.array([len(stream)])) + stream
+
+
+def _encode_scalar(sym: np.ndarray, freq: np.ndarray) -> bytes:
+    """_rans_encode of symbols with one frequency row over few lanes, one Python step per symbol (as
+    _decode_scalar): far cheaper than a numpy step over one or two lanes."""
+    n, lanes = sym.size, _lanes(sym.size)
+    f, cum = freq.tolist(), [0, *np.cumsum(freq).tolist()]
+    syms = sym.tolist()
+    x = [_LOW] * lanes
+    words = []
+    for first in range((n - 1) // lanes * lanes, -1, -lanes):  # the last step first, its lanes ascending
+        for lane in range(min(lanes, n - first)):
+            s = syms[first + lane]
+            v, fs = x[lane], f[s]
+            if v >= fs << 16:
+                words.append(v & 0xFFFF)
+                v >>= 16
+            x[lane] = (v // fs << _PROB_BITS) + v % fs + cum[s]
+    words.reverse()
+    return np.array(x, "<u4").tobytes() + np.array(words, "<u2").tobytes()
 
 
 _SCALAR_LANES = 16  # side information streams up to this many lanes are decoded in plain Python
@@ -455,6 +476,15 @@ def _to_bytes(logw: np.ndarray) -> np.ndarray:
     return (k - k.min()).astype(np.int64)
 
 
+def _median_of_sums(a: np.ndarray, b: np.ndarray) -> int:
+    """int(np.median(a[:, None] + b[None, :])) for non-negative integers, from the counts of the sums (the
+    convolution of the two histograms) instead of a partition of the whole matrix."""
+    cumulative = np.cumsum(np.convolve(np.bincount(a), np.bincount(b)))
+    n = a.size * b.size
+    lo, hi = np.searchsorted(cumulative, [(n - 1) // 2, n // 2], side="right")
+    return int(lo + hi) // 2
+
+
 def _joint(k0: np.ndarray, sym: np.ndarray, nsym: int) -> tuple[np.ndarray, np.ndarray]:
     """Histogram hist[v, s] of (k0 = v + k0.min(), symbol) pairs, and the k0 value of each hist row."""
     lo = int(k0.min())
@@ -463,13 +493,16 @@ def _joint(k0: np.ndarray, sym: np.ndarray, nsym: int) -> tuple[np.ndarray, np.n
     return hist, np.arange(lo, lo + hist.shape[0])
 
 
-def _cost_of(hist: np.ndarray, k0v: np.ndarray, shift: int, cost: np.ndarray) -> float:
-    return float((hist * cost[np.clip(k0v + shift, 0, _K - 1)]).sum())
-
-
 def _search(hist: np.ndarray, k0v: np.ndarray, bits: int, shifts: range, nus: range) -> tuple[float, int, int]:
-    """(coded bits, nu index, shift) minimizing the cost of the joint histogram."""
-    return min((_cost_of(hist, k0v, s, _parametric_cost(bits, nu_i)), nu_i, s) for nu_i in nus for s in shifts)
+    """(coded bits, nu index, shift) minimizing the cost of the joint histogram: for each nu, every shift at once."""
+    cls = np.clip(k0v[:, None] + np.array(shifts)[None, :], 0, _K - 1)  # [V, shifts]
+    best = None
+    for nu_i in nus:
+        per_shift = np.einsum("vs,vts->t", hist, _parametric_cost(bits, nu_i)[cls])
+        t = int(np.argmin(per_shift))  # the first of equal costs: the smallest shift
+        if best is None or per_shift[t] < best[0]:
+            best = (float(per_shift[t]), nu_i, shifts[t])
+    return best
 
 
 def _refine(sym: np.ndarray, a: np.ndarray, offset: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -478,13 +511,16 @@ def _refine(sym: np.ndarray, a: np.ndarray, offset: np.ndarray, cost: np.ndarray
     sym is [R, C]; the class of element ij is a_i + offset_ij."""
     reach = max(abs(d) for d in _REFINE)
     nsym = cost.shape[1]
-    # Edge rows repeated `reach` times, so that k + d never needs a clip inside the loop.
+    # Edge rows repeated `reach` times, so that k + d never needs a clip inside the loop; a move by d reads the
+    # table from row reach + d on.
     padded = np.concatenate([cost[:1]] * reach + [cost] + [cost[-1:]] * reach).astype(np.float32).ravel()
-    base = (np.clip(a[:, None] + offset, 0, _K - 1) + reach) * nsym + sym
+    index = np.clip(a[:, None] + offset, 0, _K - 1)
+    index *= nsym
+    index += sym
     best = np.zeros(a.size, np.int64)
-    best_bits = padded[base].sum(axis=1)
+    best_bits = padded[reach * nsym:].take(index).sum(axis=1)
     for d in _REFINE:
-        row_bits = padded[base + d * nsym].sum(axis=1)
+        row_bits = padded[(reach + d) * nsym:].take(index).sum(axis=1)
         better = row_bits < best_bits
         best[better] = d
         best_bits[better] = row_bits[better]
@@ -501,7 +537,7 @@ def _parametric_model(sym: np.ndarray, bits: int, rows: bool, cols: bool) -> _Co
     k0 = a[:, None] + b[None, :]
     mean = absq.mean()
     typical = np.log2(mean) * _OCTAVE if mean > 0 else -_K_UNIT
-    centre = int(round(typical)) + _K_UNIT - int(np.median(k0))
+    centre = int(round(typical)) + _K_UNIT - _median_of_sums(a, b)
     hist, k0v = _joint(k0.ravel(), sym.ravel(), nsym)
     _, _, s0 = _search(hist, k0v, bits, range(centre - 32, centre + 33, 2), range(_NUS.index(8), _NUS.index(8) + 1))
     _, nu_i, shift = _search(hist, k0v, bits, range(s0 - 3, s0 + 4), range(len(_NUS)))
@@ -595,20 +631,21 @@ def _row_refs(q: np.ndarray, bits: int) -> np.ndarray:
     if rows < 2:
         return ref
     r = qmax(bits)
-    x = q.astype(np.int64)
+    x = q.astype(np.int16)  # differences of codes fit; sums are taken in int64
     probe = np.random.default_rng(0).choice(np.array([-1, 1], np.int64), q.shape[1])
-    order = np.argsort(x @ probe, kind="stable")
+    # in float64 (BLAS), exact: |projection| <= 127 x columns
+    order = np.argsort(q.astype(np.float64) @ probe.astype(np.float64), kind="stable")
     index = np.arange(rows)
     best_l1 = np.full(rows, np.iinfo(np.int64).max)
     best = np.zeros(rows, np.int64)
     for o in _NEIGHBOURS:
         cand = np.empty(rows, np.int64)
         cand[order] = order[np.clip(index + o, 0, rows - 1)]
-        l1 = np.abs(x - x[cand]).sum(axis=1)
+        l1 = np.abs(x - x[cand]).sum(axis=1, dtype=np.int64)
         ok = (cand < index) & (index - cand < 1 << 16) & (l1 < best_l1)
         best = np.where(ok, cand, best)
         best_l1 = np.where(ok, l1, best_l1)
-    gain = row_bits(x) - row_bits(_wrap(x - x[best], r))
+    gain = row_bits(x) - row_bits(_wrap(x.astype(np.int64) - x[best], r))
     use = (best_l1 < np.iinfo(np.int64).max) & (gain > 32)
     ref[use] = best[use]
     return ref

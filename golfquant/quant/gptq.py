@@ -37,7 +37,7 @@ _BATCH_ELEMENTS = 1 << 23  # weights per shared sweep: bounds its fp32 buffers a
 class GPTQStats:
     damp_used: float  # final damping as a fraction of mean(diag H); the largest over the slices of a bank
     escalations: int  # damping retries (eigenvalue shift included), summed over slices
-    hessian_error: float | None  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given
+    hessian_error: float | None  # tr((W - Ŵ) H (W - Ŵ)ᵀ) of the GPTQ result, with the H given: Σ row_errors
     rtn_error: float | None  # the same for round-to-nearest at the same scales
     seconds: float
     row_errors: torch.Tensor | None = None  # diag((W - Ŵ) H (W - Ŵ)ᵀ) [rows] ([S, rows] for a bank), from the sweep
@@ -182,10 +182,9 @@ def gptq_quantize_many(w: torch.Tensor, hessian: torch.Tensor, settings: list[Ro
         row_errors = (torch.stack(sqs) - live).float()
         hessian_error = rtn_error = None
         if errors:
-            h = hessian.float()
-            rtn = round_mixed(w, st.scales, st.bits, st.salient)
-            hessian_error = hessian_weighted_error(w, qt.dequantize(), h)
-            rtn_error = hessian_weighted_error(w, rtn.dequantize(), h)
+            hessian_error = float(row_errors.sum(dtype=torch.float64))
+            rtn_error = hessian_weighted_error(w, round_mixed(w, st.scales, st.bits, st.salient).dequantize(),
+                                               hessian.float())
         out.append((qt, GPTQStats(max(p.damp_used for p in prepared), sum(p.escalations for p in prepared),
                                   hessian_error, rtn_error, sweep + time.perf_counter() - start,
                                   row_errors if w.dim() == 3 else row_errors[0])))
