@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from golfquant.errors import CheckpointError, OptionError
 
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 1024

@@ -12,8 +12,8 @@ import torch
 
 from golfquant.errors import ArtifactError
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, qmax
-from kernels.dequant import LAYOUTS as BASE_LAYOUTS  # the kernels decode the same layouts; one definition
-from kernels.dequant import packed_nbytes, parse_layout, plane_widths
+from kernels.dequant import (LAYOUTS as BASE_LAYOUTS,  # the kernels decode the same layouts; one definition
+                             packed_nbytes, parse_layout, plane_widths)
 
 LAYOUTS = BASE_LAYOUTS + tuple(f"{name}.T" for name in BASE_LAYOUTS)
 
