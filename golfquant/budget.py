@@ -57,7 +57,6 @@ from golfquant.quant.allocate import Choice, allocate, fill, smallest, total_byt
 from golfquant.quant.gptq import PreparedHessian
 from golfquant.quant.prune import prune_costs, prune_to_bytes, pruned_floor
 from golfquant.quant.qtensor import Rotation
-from golfquant.quant.quantize import Setting
 from golfquant.quant.rotate import rotate_hessian, rotation_for
 from golfquant.sensitivity import measure_sensitivity, plan_divergence, reference_logprobs
 
@@ -285,8 +284,7 @@ class _Run:
                 group = [c for c in ints if c.rotation == rotation]
                 if (name, rotation) not in self._prepared:
                     self._prepared[(name, rotation)] = self.opts.quantizer.prepare(h, rotation)
-                got = quantize_tensor_many(self.sd[name], self.plan[name],
-                                           [Setting(c.bits, c.clip, c.lqer, c.salient) for c in group], h, self.opts,
+                got = quantize_tensor_many(self.sd[name], self.plan[name], [c.setting for c in group], h, self.opts,
                                            rotation, self._prepared[(name, rotation)])
                 self.values.update(((name, c.key), v) for c, v in zip(group, got))
 

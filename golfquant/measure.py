@@ -36,7 +36,7 @@ from golfquant.codec.sizemodel import order0_bytes
 from golfquant.distributed import collective, my_items
 from golfquant.plan import cast_to_scheme
 from golfquant.quant.clip import ClipSpec, parse_clip, record_k
-from golfquant.quant.lqer import LqerOptions, apply_lqer
+from golfquant.quant.lqer import LqerOptions
 from golfquant.quant.qtensor import MAX_BITS, MIN_BITS, QuantizedTensor, Rotation
 from golfquant.quant.quantize import Quantizer, Setting
 from golfquant.quant.rotate import SEED
@@ -84,6 +84,11 @@ class Candidate:
     @property
     def rotation(self) -> Rotation | None:
         return None if self.rotate is None else Rotation(self.rotate, SEED)
+
+    @property
+    def setting(self) -> Setting:
+        """What the quantizer makes of an integer candidate in its basis (the rotation is applied around it)."""
+        return Setting(self.bits, self.clip, self.lqer, self.salient)
 
     def to_json(self) -> dict:
         sal = self.salient
@@ -149,26 +154,18 @@ class Measured:
 def stored_values(w: torch.Tensor, cands: list[Candidate], role: str, hessian: torch.Tensor | None,
                   quantizer: Quantizer) -> list[tuple[QuantizedTensor | torch.Tensor, torch.Tensor | None]]:
     """The value the artifact holds for w under each candidate (a QuantizedTensor, or the fp16 tensor) and, where
-    a GPTQ sweep made it, its row errors diag((W - Ŵ) H (W - Ŵ)ᵀ). Candidates that differ only by an LQER
-    correction share the codes of their base, and those of one rotation the GPTQ factorisation of the Hessian and
-    its sweeps (Quantizer.many: the values of separate calls)."""
-    bases = list(dict.fromkeys(dataclasses.replace(c, lqer=None) for c in cands if c.bits is not None))
-    base: dict[Candidate, tuple[QuantizedTensor, torch.Tensor | None]] = {}
-    for rotation in dict.fromkeys(c.rotation for c in bases):
-        group = [c for c in bases if c.rotation == rotation]
-        got = quantizer.many(w, [Setting(c.bits, c.clip, None, c.salient) for c in group], role, hessian,
-                             quantizer.prepare(hessian, rotation), errors=False, rotation=rotation)
-        base.update((c, (qt, stats and stats.row_errors)) for c, (qt, stats) in zip(group, got))
-    out = []
-    for c in cands:
-        if c.bits is None:
-            out.append((cast_to_scheme(w, FLOAT_SCHEME), None))
-        elif c.lqer is None:
-            out.append(base[c])
-        else:
-            qt = base[dataclasses.replace(c, lqer=None)][0]
-            out.append((apply_lqer(qt, w, c.lqer.rank, c.lqer.a_bits, c.lqer.b_bits, c.lqer.group, hessian), None))
-    return out
+    a GPTQ sweep made it, its row errors diag((W - Ŵ) H (W - Ŵ)ᵀ). The candidates of one rotation share the GPTQ
+    factorisation of the Hessian and its sweeps, and an LQER candidate the codes of its base (Quantizer.many: the
+    values of separate calls)."""
+    got: dict[Candidate, tuple[QuantizedTensor | torch.Tensor, torch.Tensor | None]] = {
+        c: (cast_to_scheme(w, FLOAT_SCHEME), None) for c in cands if c.bits is None}
+    ints = [c for c in cands if c.bits is not None]
+    for rotation in dict.fromkeys(c.rotation for c in ints):
+        group = [c for c in ints if c.rotation == rotation]
+        values = quantizer.many(w, [c.setting for c in group], role, hessian, quantizer.prepare(hessian, rotation),
+                                errors=False, rotation=rotation)
+        got.update((c, (qt, stats and stats.row_errors)) for c, (qt, stats) in zip(group, values))
+    return [got[c] for c in cands]
 
 
 def stored_bytes(value: QuantizedTensor | torch.Tensor, codes_bytes: Callable[[torch.Tensor, int], float]) -> float:

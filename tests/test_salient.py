@@ -307,3 +307,18 @@ def test_settings_sharing_a_sweep_get_the_codes_of_separate_calls(rotation, monk
         alone, alone_stats = q(w, st.bits, st.clip, None, h, st.lqer, salient=st.salient, rotation=rotation)
         assert torch.equal(qt.dequantize(), alone.dequantize()) and torch.equal(qt.codes, alone.codes)
         assert stats.hessian_error == alone_stats.hessian_error
+
+
+def test_an_lqer_candidate_and_its_base_share_one_rounding(monkeypatch):
+    # The budget asks for a width with and without its LQER correction together: GPTQ rounds it once.
+    w, h = case(2)
+    rounded = []
+    many = gptq.gptq_quantize_many
+    monkeypatch.setattr(gptq, "gptq_quantize_many", lambda w, h, rounds, *a: rounded.append(len(rounds)) or
+                        many(w, h, rounds, *a))
+    q = Quantizer(block_size=64)
+    base, corrected = q.many(w, [Setting(4, CLIP), Setting(4, CLIP, LqerOptions(rank=4))], None, h)
+    assert rounded == [1]
+    assert torch.equal(base[0].codes, corrected[0].codes) and base[0].lqer is None and corrected[0].lqer is not None
+    alone, _ = q(w, 4, CLIP, None, h, LqerOptions(rank=4))
+    assert torch.equal(corrected[0].dequantize(), alone.dequantize())

@@ -80,8 +80,9 @@ class Quantizer:
         if rotation is not None:
             w = rotate(w, rotation)
             hessian = None if hessian is None else rotate_hessian(hessian, rotation)
-        resolved = []  # (bits, clip, salient columns) as the quantizer sees them
-        for st in settings:
+        bases = list(dict.fromkeys(st._replace(lqer=None) for st in settings))  # LQER corrects a shared rounding
+        resolved = []  # (bits, clip, salient columns) of each base as the quantizer sees them
+        for st in bases:
             clip = st.clip
             if clip.method in HESSIAN_CLIPS and hessian is None:
                 clip = dataclasses.replace(clip, method="sdclip", lam=0.0)
@@ -97,8 +98,10 @@ class Quantizer:
                                           errors)
         else:
             out = [(quantize_rtn(w, bits, clip, role, hessian, sal), None) for bits, clip, sal in resolved]
+        rounded = dict(zip(bases, out))
         results = []
-        for st, (qt, stats) in zip(settings, out):
+        for st in settings:
+            qt, stats = rounded[st._replace(lqer=None)]
             if st.lqer is not None and st.lqer.rank > 0:
                 qt = apply_lqer(qt, w, st.lqer.rank, st.lqer.a_bits, st.lqer.b_bits, st.lqer.group, hessian)
                 stats = stats and dataclasses.replace(stats, row_errors=None)  # of the codes, not the correction
