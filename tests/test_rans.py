@@ -259,7 +259,8 @@ def test_decode_many_equals_one_at_a_time(batch, monkeypatch):
 
 
 def test_side_streams_in_python_and_in_numpy():
-    """Row/column bytes are decoded symbol by symbol up to _SCALAR_LANES lanes, in lockstep above: same checks."""
+    """Row/column bytes are coded and decoded symbol by symbol up to _SCALAR_LANES lanes, in lockstep above: the
+    same bytes and the same checks."""
     rng = np.random.default_rng(10)
     for n in (500, 8192, 20000, 200000):  # 1, 1, 3 and 25 lanes
         v = np.minimum(rng.geometric(0.05, n), 255)
@@ -301,3 +302,21 @@ def test_decode_many_names_the_damaged_blob(batch):
             rans.decode_codes_many(forged, names)
         with pytest.raises(ArtifactError, match="^rANS"):
             decode_codes(bad, shape, bits)
+
+
+def test_the_size_model_shortcuts_equal_their_definitions():
+    # The median width class from the convolved histograms, and the shift search over every shift at once, against
+    # the median of the whole matrix and one cost per (nu, shift).
+    rng = np.random.default_rng(11)
+    for rows, cols in ((1, 1), (2, 3), (7, 4), (64, 33), (300, 512)):
+        a, b = rng.integers(0, 40, rows), rng.integers(0, 90, cols)
+        assert rans._median_of_sums(a, b) == int(np.median(a[:, None] + b[None, :]))
+    bits, nsym = 6, 63
+    k0v = np.arange(20, 60)
+    hist = rng.poisson(3.0, (k0v.size, nsym)).astype(np.float64)
+    shifts, nus = range(-5, 30, 3), range(len(rans._NUS))
+    cost = {nu: rans._parametric_cost(bits, nu) for nu in nus}
+    direct = min((float((hist * cost[nu][np.clip(k0v + s, 0, rans._K - 1)]).sum()), nu, s)
+                 for nu in nus for s in shifts)
+    found = rans._search(hist, k0v, bits, shifts, nus)
+    assert found[1:] == direct[1:] and found[0] == pytest.approx(direct[0], rel=1e-12)
