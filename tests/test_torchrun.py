@@ -10,6 +10,8 @@ import pytest
 
 from helpers import REPO, tiny_checkpoint, val_shard
 
+pytestmark = pytest.mark.slow  # several processes per test: run these files first under `make test`
+
 # Calibration in 4 batches of one sequence, so that both processes generate and accumulate Hessians.
 CALIB = ["--calib-seqs", "4", "--calib-len", "32", "--calib-batch", "1"]
 

@@ -16,6 +16,8 @@ from golfquant.data import default_data_dir, load_tokens, write_shard
 from golfquant.model import GPT, GPTConfig
 from golfquant_cli.main import cli
 
+pytestmark = pytest.mark.slow  # several processes per test: run these files first under `make test`
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = default_data_dir()  # the bundled train shard and tokenizer (vocab 1024)
 MICRO = dict(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=32,
