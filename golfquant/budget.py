@@ -47,7 +47,7 @@ from golfquant.codec.sizemodel import ScaledEntropyPricer
 from golfquant.distributed import on_main
 from golfquant.errors import OptionError
 from golfquant.measure import (WIDE_K, Candidate, Measured, Measurement, MeasurementInfo, candidate_grid, dequantized,
-                               measure, record_candidate, salient_fits, sdclip, stored_bytes)
+                               measure, record_candidate, rotation_groups, salient_fits, sdclip, stored_bytes)
 from golfquant.options import QuantizeOptions
 from golfquant.pipeline import (Calibration, Progress, Quantized, TensorReport, build_float_model, calibrate,
                                 clip_k_meta, gptq_meta, hessian_of, quantize_tensor_many, stage)
@@ -278,10 +278,8 @@ class _Run:
             for c in todo:
                 if c.bits is None:
                     self.values[(name, c.key)] = (cast_to_scheme(self.sd[name], c.scheme), None)
-            ints = [c for c in todo if c.bits is not None]
             h = hessian_of(self.calibration.hessians, name)
-            for rotation in dict.fromkeys(c.rotation for c in ints):
-                group = [c for c in ints if c.rotation == rotation]
+            for rotation, group in rotation_groups(todo).items():
                 if (name, rotation) not in self._prepared:
                     self._prepared[(name, rotation)] = self.opts.quantizer.prepare(h, rotation)
                 got = quantize_tensor_many(self.sd[name], self.plan[name], [c.setting for c in group], h, self.opts,

@@ -151,6 +151,16 @@ class Measured:
     damage: float
 
 
+def rotation_groups(cands: list[Candidate]) -> dict[Rotation | None, list[Candidate]]:
+    """The integer candidates by rotation, in order: those of one rotation share the GPTQ factorisation of the
+    Hessian in its basis, and its sweeps (Quantizer.many)."""
+    groups: dict[Rotation | None, list[Candidate]] = {}
+    for c in cands:
+        if c.bits is not None:
+            groups.setdefault(c.rotation, []).append(c)
+    return groups
+
+
 def stored_values(w: torch.Tensor, cands: list[Candidate], role: str, hessian: torch.Tensor | None,
                   quantizer: Quantizer) -> list[tuple[QuantizedTensor | torch.Tensor, torch.Tensor | None]]:
     """The value the artifact holds for w under each candidate (a QuantizedTensor, or the fp16 tensor) and, where
@@ -159,9 +169,7 @@ def stored_values(w: torch.Tensor, cands: list[Candidate], role: str, hessian: t
     values of separate calls)."""
     got: dict[Candidate, tuple[QuantizedTensor | torch.Tensor, torch.Tensor | None]] = {
         c: (cast_to_scheme(w, FLOAT_SCHEME), None) for c in cands if c.bits is None}
-    ints = [c for c in cands if c.bits is not None]
-    for rotation in dict.fromkeys(c.rotation for c in ints):
-        group = [c for c in ints if c.rotation == rotation]
+    for rotation, group in rotation_groups(cands).items():
         values = quantizer.many(w, [c.setting for c in group], role, hessian, quantizer.prepare(hessian, rotation),
                                 errors=False, rotation=rotation)
         got.update((c, (qt, stats and stats.row_errors)) for c, (qt, stats) in zip(group, values))
