@@ -162,7 +162,8 @@ class _Run:
         self._reference: list[torch.Tensor] | None = None
         self.values: dict[tuple[str, str], tuple[QuantizedTensor | torch.Tensor, TensorReport | None]] = {}
         self.exact: dict[tuple[str, str], float] = {}
-        self._prepared: dict[tuple[str, Rotation | None], list[PreparedHessian] | None] = {}  # GPTQ factorisations
+        # GPTQ factorisations by Hessian (c_q, c_k and c_v share one object, as in the calibration cache) and rotation
+        self._prepared: dict[tuple[int, Rotation | None], list[PreparedHessian] | None] = {}
         self.choice: dict[str, Candidate] = {}
         self.confirmed: dict[str, Candidate] = {}  # the plan the confirmation chose, before fitting
         self.override: dict[str, QuantizedTensor] = {}  # pruned tensors
@@ -280,10 +281,10 @@ class _Run:
                     self.values[(name, c.key)] = (cast_to_scheme(self.sd[name], c.scheme), None)
             h = hessian_of(self.calibration.hessians, name)
             for rotation, group in rotation_groups(todo).items():
-                if (name, rotation) not in self._prepared:
-                    self._prepared[(name, rotation)] = self.opts.quantizer.prepare(h, rotation)
+                if (id(h), rotation) not in self._prepared:
+                    self._prepared[(id(h), rotation)] = self.opts.quantizer.prepare(h, rotation)
                 got = quantize_tensor_many(self.sd[name], self.plan[name], [c.setting for c in group], h, self.opts,
-                                           rotation, self._prepared[(name, rotation)])
+                                           rotation, self._prepared[(id(h), rotation)])
                 self.values.update(((name, c.key), v) for c, v in zip(group, got))
 
     def exact_bytes(self, name: str, cand: Candidate) -> float:

@@ -226,3 +226,23 @@ def test_the_search_shares_the_callers_weights_and_gives_them_back_unchanged(ckp
     params = dict(built[0].named_parameters())
     assert all(params[k].data_ptr() == v.data_ptr() for k, v in sd.items() if k in params)
     assert all(torch.equal(sd[k], v) for k, v in before.items())
+
+
+
+def test_the_search_factorises_each_shared_hessian_once(ckpt, sizes, monkeypatch):
+    # c_q, c_k and c_v read one input and share one Hessian object: the budget quantizes their values against one
+    # factorisation of it at a time (per rotation), not one per weight.
+    seen = {}  # (Hessian, rotation) -> the factorisations used with it, and the weights
+    many = budget_module.quantize_tensor_many
+
+    def spy(t, tp, settings, h, options, rotation=None, prepared=None):
+        ids, names = seen.setdefault((id(h), rotation), (set(), set()))
+        ids.add(id(prepared))
+        names.add(tp.name)
+        return many(t, tp, settings, h, options, rotation, prepared)
+
+    monkeypatch.setattr(budget_module, "quantize_tensor_many", spy)
+    golfquant.quantize(load_checkpoint(ckpt).state_dict, opts((sizes[4] + sizes[8]) // 2))
+    assert any(len(names) == 3 for _, names in seen.values())  # c_q, c_k, c_v
+    # one factorisation while the plans are solved, and one made again after they are dropped for the confirmation
+    assert all(len(ids) <= 2 for ids, _ in seen.values()), [(len(i), sorted(n)) for i, n in seen.values()]
